@@ -12,6 +12,7 @@ checkpoints released with Cherti & Jitsev (arXiv 2106.00116) load without renami
 Inputs are RGB in [-1, 1] (BiT's convention); `to_model_input` does the conversion from
 the uint8 batches that prepare_data.py produces.
 """
+import argparse
 import contextlib
 import math
 import os
@@ -22,6 +23,33 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# Command lines: every script reports bad input as one line and exits with status 2
+
+class UserError(ValueError):
+    """Bad input from the user (unknown model, missing file, bad CSV): one line, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and one-line errors (no usage dump)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_cli(main, parser, argv=None):
+    """Parse argv and run main(args); a UserError or missing file becomes a one-line error."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except (UserError, FileNotFoundError) as e:
+        parser.error(str(e))
+
 
 # ----------------------------------------------------------------------------------------
 # Network
@@ -160,7 +188,7 @@ MODEL_NAMES = ["R14x1", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2",
 def create_model(name, num_classes):
     """A randomly initialised BiT ResNet-v2 by name (see MODEL_NAMES)."""
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     depth, wf = name.split("x")
     return ResNetV2(ARCHS[depth], int(wf), num_classes)
 
