@@ -1,0 +1,521 @@
+"""prepare_data.py: parsers against the real layouts, label rules row by row, splits without
+leakage, image decoding, rejects, resume, dry-run, merge and the command line."""
+import ast
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import prepare_data as P  # noqa: E402
+from models import UserError  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata not present")
+
+
+def run(argv, stop_after=None):
+    return P.main(P.get_args_parser().parse_args(argv), stop_after=stop_after)
+
+
+def prepared(out):
+    meta = json.load(open(out / "meta.json"))
+    table = P.read_labels_csv(out, meta["labels"])
+    return meta, table, np.load(out / "images.npy")
+
+
+def no_leak(table):
+    owners = table.groupby("patient")["split"].nunique()
+    assert (owners == 1).all(), owners[owners > 1]
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *argv], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------------------
+# NIH
+
+def test_nih_labels_official_and_patient_splits(tmp_path):
+    raw = P.write_nih_raw(tmp_path / "nih", n=60, seed=1, image_size=40)
+    table = run(["--dataset", "nih", "--root", str(raw), "--out", str(tmp_path / "out"), "--size", "16", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "out")
+    assert images.shape == (60, 16, 16, 1) and meta["orig_size"] == [40, 40] and meta["task"] == "multilabel"
+    assert meta["labels"] == sorted(P.NIH_LABELS)
+    entry = pd.read_csv(raw / "Data_Entry_2017_v2020.csv").set_index("Image Index")
+    for row in t.itertuples(index=False):
+        name = row.path.split("/")[-1]
+        tokens = set(entry.loc[name, "Finding Labels"].split("|"))
+        assert {l for l in meta["labels"] if t.loc[t.path == row.path, l].item() == 1} == tokens - {"No Finding"}
+        assert row.view == entry.loc[name, "View Position"]
+    test_names = set(open(raw / "test_list.txt").read().split())
+    assert set(t.path[t.split == "test"].str[len("images/"):]) == test_names
+    assert (t.split == "valid").sum() > 0
+    no_leak(t)
+    # image i is the file in row i, through the same center-crop + resize
+    first = np.asarray(Image.open(raw / t.path[0]).resize((16, 16), Image.BILINEAR))
+    assert np.abs(images[0, :, :, 0].astype(int) - first).max() <= 1
+    assert len(table) == 60
+
+
+@needs_real
+def test_nih_real_excerpt_eleven_field_rows(tmp_path):
+    raw = tmp_path / "nih"
+    raw.mkdir()
+    shutil.copy(REAL / "metadata" / "nih_Data_Entry_2017_v2020.sample.csv", raw / "Data_Entry_2017_v2020.csv")
+    lines = open(raw / "Data_Entry_2017_v2020.csv").read().splitlines()
+    names = [l.split(",")[0] for l in lines[1:]]
+    (raw / "test_list.txt").write_text("\n".join(names[::4]) + "\n")
+    (raw / "train_val_list.txt").write_text("\n".join(n for i, n in enumerate(names) if i % 4) + "\n")
+    run(["--dataset", "nih", "--root", str(raw), "--out", str(tmp_path / "out"), "--dry-run"])
+    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype=str, keep_default_na=False)
+    assert len(t) == len(names)
+    for line, row in zip(lines[1:], t.itertuples(index=False)):
+        fields = line.split(",")
+        assert len(fields) == 11
+        assert row.path == "images/" + fields[0] and row.patient == fields[3] and row.view == fields[6]
+        tokens = set(fields[1].split("|"))
+        assert {l for l in P.NIH_LABELS if t.loc[t.path == row.path, l].item() == "1"} == tokens - {"No Finding"}
+    assert not (tmp_path / "out" / "meta.json").exists() and (tmp_path / "out" / "label_stats.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# CheXpert and MIMIC (same coding)
+
+def expected_chexpert(row, name, uncertain="ignore", blank="ignore"):
+    """The rule written out independently of prepare_data: No Finding = 1 -> 0, -1 -> per
+    --uncertain, blank -> per --blank."""
+    if str(row["No Finding"]) in ("1.0", "1"):
+        return 0.0
+    v = row[name]
+    if v in ("", None) or (isinstance(v, float) and np.isnan(v)):
+        return 0.0 if blank == "zeros" else np.nan
+    v = float(v)
+    if v == -1:
+        return {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain]
+    return v
+
+
+def check_chexpert_rows(raw_rows, t, uncertain, blank):
+    assert len(raw_rows) == len(t)
+    for (_, raw), (_, row) in zip(raw_rows.iterrows(), t.iterrows()):
+        assert row["path"] == raw["Path"]
+        for name in P.CHEXPERT_LABELS:
+            col = "Effusion" if name == "Pleural Effusion" else name
+            exp, got = expected_chexpert(raw, name, uncertain, blank), row[col]
+            assert (np.isnan(exp) and np.isnan(got)) or exp == got, (raw["Path"], name, exp, got)
+
+
+@pytest.mark.parametrize("uncertain,blank", [("ignore", "ignore"), ("ones", "zeros"), ("zeros", "ignore")])
+def test_chexpert_label_rules_and_views(tmp_path, uncertain, blank):
+    base = tmp_path / "raw"
+    P.write_chexpert_raw(base, n=40, seed=3, image_size=32)
+    root = base / "CheXpert-v1.0-small"
+    # one hand-written row with every case: No Finding with -1 and 1 (overridden to 0)
+    train = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    special = train.iloc[0].copy()
+    special["No Finding"], special["Cardiomegaly"], special["Support Devices"] = "1.0", "-1.0", "1.0"
+    train = pd.concat([train, special.to_frame().T], ignore_index=True)
+    train.to_csv(root / "train.csv", index=False)
+    out = tmp_path / "out"
+    run(["--dataset", "chexpert", "--root", str(base), "--out", str(out), "--dry-run",
+         "--uncertain", uncertain, "--blank", blank])
+    t = pd.read_csv(out / "labels.csv", dtype={"path": str, "view": str, "split": str, "patient": str})
+    raw = pd.concat([train.assign(split="train"),
+                     pd.read_csv(root / "valid.csv", dtype=str, keep_default_na=False).assign(split="valid")],
+                    ignore_index=True)
+    views = raw["AP/PA"].where(raw["Frontal/Lateral"] == "Frontal", "L")
+    raw = raw[views.isin(P.PRETRAIN_VIEWS)].reset_index(drop=True)
+    check_chexpert_rows(raw, t, uncertain, blank)
+    assert list(t.split) == list(raw.split) and set(t.view) <= {"AP", "PA", "L"} and (t.view == "L").any()
+    special_row = t[t.split == "train"].iloc[-1]                    # the No Finding row
+    assert special_row.path == special["Path"] and special_row.iloc[4:].eq(0).all()
+    no_leak(t)
+
+
+@needs_real
+def test_chexpert_real_excerpt(tmp_path):
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    shutil.copy(REAL / "metadata" / "chexpert_train.sample.csv", root / "train.csv")
+    header = open(root / "train.csv").readline()
+    (root / "valid.csv").write_text(header)
+    run(["--dataset", "chexpert", "--root", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
+    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str, "view": str})
+    raw = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    views = raw["AP/PA"].where(raw["Frontal/Lateral"] == "Frontal", "L")
+    raw = raw[views.isin(P.PRETRAIN_VIEWS)].reset_index(drop=True)
+    check_chexpert_rows(raw, t, "ignore", "ignore")
+    assert t.patient.str.match(r"patient\d{5}$").all() and t.path.str.startswith("CheXpert-v1.0-small/").all()
+
+
+def test_mimic_layout_splits_and_views(tmp_path):
+    root = tmp_path / "mimic"
+    rng = np.random.default_rng(0)
+    labels, meta, split = [], [], []
+    for k in range(12):
+        subject, study = 10000000 + k, 50000000 + k
+        labels.append({"subject_id": subject, "study_id": study, "No Finding": 1.0 if k % 3 == 0 else np.nan,
+                       **{n: [1.0, 0.0, -1.0, np.nan][(k + i) % 4] for i, n in enumerate(P.CHEXPERT_LABELS)}})
+        for j, view in enumerate(["PA", "LATERAL"]):
+            dicom = f"d{k}_{j}"
+            meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
+                         "Rows": 40, "Columns": 40})
+            split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
+                          "split": ["train", "validate", "test"][k % 3]})
+            path = root / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(P.synthetic_chest(rng, [], 40)).save(path)
+    for name, rows in (("chexpert", labels), ("metadata", meta), ("split", split)):
+        pd.DataFrame(rows).to_csv(root / f"mimic-cxr-2.0.0-{name}.csv.gz", index=False)
+    run(["--dataset", "mimic", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "16", "--workers", "1"])
+    m, t, images = prepared(tmp_path / "out")
+    assert len(t) == 12 and set(t.view) == {"PA"} and set(t.split) == {"train", "valid", "test"}
+    lab = pd.DataFrame(labels)
+    for row in t.itertuples(index=False):
+        k = int(row.patient) - 10000000
+        assert row.split == ["train", "valid", "test"][k % 3]
+        raw = {n: ("" if np.isnan(v) else str(v)) if isinstance(v, float) else v for n, v in lab.iloc[k].items()}
+        raw["No Finding"] = "1.0" if lab.iloc[k]["No Finding"] == 1 else ""
+        for n in P.CHEXPERT_LABELS:
+            exp = expected_chexpert(raw, n)
+            got = t.loc[t.path == row.path, "Effusion" if n == "Pleural Effusion" else n].item()
+            assert (np.isnan(exp) and np.isnan(got)) or exp == got
+    run(["--dataset", "mimic", "--root", str(root), "--out", str(tmp_path / "all"), "--dry-run", "--views", "all"])
+    assert len(pd.read_csv(tmp_path / "all" / "labels.csv")) == 24
+
+
+# ----------------------------------------------------------------------------------------
+# PadChest
+
+def expected_padchest(strings):
+    out = {}
+    for name in P.PADCHEST_LABELS:
+        keys = [name.lower()] + P.PADCHEST_SYNONYMS.get(name, [])
+        out[name] = float(any(k in s for s in strings for k in keys))
+    return out
+
+
+def padchest_root(tmp_path, csv_rows=None):
+    root = tmp_path / "padchest"
+    root.mkdir()
+    if csv_rows is None:
+        shutil.copy(REAL / "metadata" / "padchest_labels_160K_01.02.19.sample.csv.gz", root / P.PADCHEST_CSV)
+    else:
+        with gzip.open(root / P.PADCHEST_CSV, "wt") as f:
+            pd.DataFrame(csv_rows).to_csv(f)
+    return root
+
+
+@needs_real
+def test_padchest_real_excerpt_labels_views_split(tmp_path):
+    root = padchest_root(tmp_path)
+    run(["--dataset", "padchest", "--root", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
+    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str, "patient": str, "view": str})
+    raw = pd.read_csv(root / P.PADCHEST_CSV, dtype=str, keep_default_na=False)
+    lists = [[s.strip().lower() for s in ast.literal_eval(c) if s.strip()]
+             if c.strip() not in ("", "nan") else [] for c in raw["Labels"]]
+    has = np.array([bool(l) for l in lists])
+    views = raw["Projection"].replace({"AP_horizontal": "AP Supine"})
+    keep = has & views.isin(P.PRETRAIN_VIEWS).to_numpy()
+    assert len(t) == keep.sum() and (~has).sum() > 0 and (raw.Projection == "AP_horizontal").any()
+    for row, strings, (_, r) in zip(t.itertuples(index=False), [l for l, k in zip(lists, keep) if k], raw[keep].iterrows()):
+        assert row.path == f"{r.ImageDir}/{r.ImageID}" and row.view == views[_]
+        exp = expected_padchest(strings)
+        assert all(t.loc[t.path == row.path, n].item() == v for n, v in exp.items())
+    assert (t["Infiltration"] == 1).any() and (t["Support Devices"] == 1).any()
+    no_leak(t)
+    assert set(t.split) == {"train", "valid", "test"}
+
+
+def test_padchest_16bit_conversion_uses_bits_stored(tmp_path):
+    rows = []
+    for i, (bits, value) in enumerate([(12, 4095), (12, 2048), (10, 1023), (12, 0)]):
+        name = f"img{i}.png"
+        rows.append({"ImageID": name, "ImageDir": 0, "PatientID": f"p{i}", "Projection": "PA",
+                     "Labels": "['pleural effusion', ' laminar atelectasis']" if i else "['normal']",
+                     "BitsStored_DICOM": bits, "value": value})
+    root = padchest_root(tmp_path, rows)
+    (root / "0").mkdir()
+    for r in rows:
+        Image.fromarray(np.full((30, 40), r["value"], np.uint16)).save(root / "0" / r["ImageID"])
+    run(["--dataset", "padchest", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "8", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "out")
+    assert [int(images[list(t.path).index(f"0/img{i}.png")].mean()) for i in range(4)] == [255, 128, 255, 0]
+    assert meta["orig_size"] == [30, 40]
+    row = t[t.path == "0/img1.png"].iloc[0]
+    assert row["Effusion"] == 1 and row["Atelectasis"] == 1 and row["Cardiomegaly"] == 0
+
+
+# ----------------------------------------------------------------------------------------
+# COVIDx, Tuberculosis, natural datasets, the user's CSV
+
+@needs_real
+def test_covidx_real_lists_with_space_in_patient(tmp_path):
+    root = tmp_path / "covidx"
+    root.mkdir()
+    train = open(REAL / "metadata" / "covidx_cxr2_train.sample.txt").read() + \
+        open(REAL / "metadata" / "covidx8b_train.sample.txt").read()
+    (root / "train.txt").write_text(train)
+    shutil.copy(REAL / "metadata" / "covidx_cxr2_test.sample.txt", root / "test.txt")
+    run(["--dataset", "covidx", "--root", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
+    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype=str, keep_default_na=False)
+    assert len(t) == len(train.splitlines()) + 50
+    row = t[t.path == "train/COVID(1).png"].iloc[0]
+    assert row.patient == "COVID 1" and row.positive == "1" and row.negative == "0"
+    assert (t[["negative", "positive"]].astype(int).sum(axis=1) == 1).all()
+    assert set(t.split[t.path.str.startswith("test/")]) == {"test"}
+    assert set(t.split[t.path.str.startswith("train/")]) == {"train", "valid"}
+    no_leak(t)
+
+
+def test_covidx_line_parser():
+    assert P.parse_covidx_line("COVID 1 COVID(1).png positive sirm\n") == ("COVID 1", "COVID(1).png", "positive")
+    assert P.parse_covidx_line("5 ARDSSevere.png negative cohen") == ("5", "ARDSSevere.png", "negative")
+    assert P.parse_covidx_line("p1 a b.png COVID-19") == ("p1 a", "b.png", "COVID-19")
+
+
+def test_tuberculosis_labels_from_file_names(tmp_path):
+    raw = P.write_tuberculosis_raw(tmp_path / "tb", n=24, seed=0, image_size=32)
+    run(["--dataset", "tuberculosis", "--root", str(raw), "--out", str(tmp_path / "out"), "--size", "16", "--workers", "2"])
+    meta, t, images = prepared(tmp_path / "out")
+    assert meta["labels"] == ["normal", "tuberculosis"] and meta["task"] == "multiclass" and len(t) == 24
+    assert (t.tuberculosis == t.path.str[-5].astype(int)).all() and (t.normal + t.tuberculosis == 1).all()
+    assert set(t.split) == {"train", "valid", "test"}
+    no_leak(t)
+
+
+def test_pets_offline_and_cifar_needs_download(tmp_path):
+    base = tmp_path / "pets" / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations" / "trimaps").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, ids in (("trainval", range(1, 9)), ("test", range(9, 13))):
+        lines = []
+        for i in ids:
+            breed, label = (("Abyssinian", 1) if i % 2 else ("beagle", 2))
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(base / "images" / f"{breed}_{i}.jpg")
+            lines.append(f"{breed}_{i} {label} {label} 1")
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    run(["--dataset", "pets", "--root", str(tmp_path / "pets"), "--out", str(tmp_path / "out"), "--size", "16", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "out")
+    assert images.shape == (12, 16, 16, 3) and meta["labels"] == ["Abyssinian", "Beagle"] and meta["orig_size"] == [20, 30]
+    assert ((t.path.str.contains("Abyssinian")) == (t.Abyssinian == 1)).all()
+    assert (t.split[t.path.str.contains("_9|_1[0-2]", regex=True)] == "test").all()
+    r = cli("--dataset", "cifar10", "--root", str(tmp_path / "pets"), "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--download" in r.stderr
+
+
+def test_user_csv_multiclass_and_imagefolder(tmp_path):
+    root = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24), np.uint8)).save(root / "a" / f"{i}.png")
+        rows.append({"path": f"a/{i}.png", "label": ["cat", "dog"][i % 2], "patient": f"p{i // 2}",
+                     "split": "test" if i >= 8 else ""})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    run(["--dataset", "csv", "--root", str(root), "--labels-csv", str(tmp_path / "labels.csv"),
+         "--out", str(tmp_path / "out"), "--size", "8", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "out")
+    assert meta["labels"] == ["cat", "dog"] and images.shape == (10, 8, 8, 1)
+    assert (t.dog == [i % 2 for i in range(10)]).all() and (t.split[8:] == "test").all()
+    no_leak(t)
+    run(["--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "if"), "--size", "8", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "if")
+    assert meta["labels"] == ["a"] and images.shape == (10, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Image decoding
+
+@needs_real
+def test_real_images_png_jpeg_dicom():
+    img = REAL / "images"
+    png, orig = P.load_image(str(img / "00000001_000.png"), 512, 1)
+    assert orig == (512, 512) and np.array_equal(png[..., 0], np.asarray(Image.open(img / "00000001_000.png")))
+    jpg, orig = P.load_image(str(img / "16747_3_1.jpg"), 64, 1)
+    assert orig == (885, 1036) and jpg.shape == (64, 64, 1) and 30 < jpg.mean() < 220
+    assert P.load_image(str(img / "16747_3_1.jpg"), 64, 3)[0].shape == (64, 64, 3)
+    mono2, orig = P.load_image(str(img / "siim_chest_cr_jpeg_baseline.dcm"), 1024, 1)
+    mono1, _ = P.load_image(str(img / "siim_chest_cr_jpeg_baseline_monochrome1.dcm"), 1024, 1)
+    assert orig == (1024, 1024) and mono2.std() > 10
+    assert (mono1.astype(int) + mono2.astype(int) == 255).all()
+    dx, orig = P.load_image(str(img / "nih_chest_dx_implicit_vr.dcm"), 128, 1)
+    assert orig == (1024, 1024) and dx.shape == (128, 128, 1) and dx.std() > 10
+
+
+def write_dicom(path, pixels, bits, photometric="MONOCHROME2", slope=1.0, intercept=0.0):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_bits_stored_rescale_and_monochrome1(tmp_path):
+    pixels = np.tile(np.array([0, 1024, 2048, 4095], np.uint16), (4, 1))
+    write_dicom(tmp_path / "m2.dcm", pixels, 12, slope=2.0, intercept=-100.0)
+    write_dicom(tmp_path / "m1.dcm", pixels, 12, "MONOCHROME1")
+    m2, _ = P.decode_dicom(str(tmp_path / "m2.dcm"), 1)
+    m1, _ = P.decode_dicom(str(tmp_path / "m1.dcm"), 1)
+    # range [0, 4095] after the same rescale maps to [0, 255]: the rescale cancels out
+    assert list(m2[0]) == [0, 64, 128, 255] and list(m1[0]) == [255, 191, 127, 0]
+
+
+# ----------------------------------------------------------------------------------------
+# Rejects, resume, dry-run, merge
+
+def bad_files_root(tmp_path):
+    from pydicom.data import get_testdata_file
+    root = tmp_path / "root"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    good = [f"good{i}.png" for i in range(6)]
+    for name in good:
+        Image.fromarray(rng.integers(0, 255, (20, 20), np.uint8)).save(root / name)
+    Image.fromarray(rng.integers(0, 255, (200, 200), np.uint8)).save(root / "full.png")
+    (root / "truncated.png").write_bytes((root / "full.png").read_bytes()[:2000])
+    (root / "full.png").unlink()
+    (root / "text.png").write_text("not an image\n")
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "jpegls.dcm")
+    (tmp_path / "outside.png").write_bytes((root / "good0.png").read_bytes())
+    bad = {"missing.png": "missing file", "truncated.png": "truncated", "text.png": "not an image",
+           "jpegls.dcm": "pylibjpeg-libjpeg", "../outside.png": "outside the dataset root"}
+    pd.DataFrame({"path": good + list(bad), "finding": [1, 0] * 3 + [1] * 5}).to_csv(tmp_path / "l.csv", index=False)
+    return root, good, bad
+
+
+def test_bad_files_go_to_rejects_and_good_ones_are_prepared(tmp_path):
+    root, good, bad = bad_files_root(tmp_path)
+    argv = ["--dataset", "csv", "--root", str(root), "--labels-csv", str(tmp_path / "l.csv"),
+            "--out", str(tmp_path / "out"), "--size", "8", "--workers", "2"]
+    with pytest.raises(UserError, match="5 of 11 images rejected"):
+        run(argv)                                   # default threshold 1%
+    assert not (tmp_path / "out" / "meta.json").exists()
+    rejects = pd.read_csv(tmp_path / "out" / "rejects.csv")
+    assert dict(zip(rejects.path, rejects.reason)).keys() == bad.keys()
+    for path, reason in zip(rejects.path, rejects.reason):
+        assert bad[path] in reason, (path, reason)
+    run(argv + ["--max-rejects", "0.5"])            # resumes: nothing is decoded again
+    meta, t, images = prepared(tmp_path / "out")
+    assert list(t.path) == good and len(images) == 6 and list(t.finding) == [1, 0] * 3
+    for i, name in enumerate(good):
+        assert np.array_equal(images[i, :, :, 0], P.load_image(str(root / name), 8, 1)[0][..., 0])
+
+
+def test_strict_and_one_line_errors(tmp_path):
+    root, good, bad = bad_files_root(tmp_path)
+    r = cli("--dataset", "csv", "--root", str(root), "--labels-csv", str(tmp_path / "l.csv"), "--out",
+            str(tmp_path / "o"), "--size", "8", "--strict", "--max-rejects", "0.9", "--workers", "1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--strict" in r.stderr
+    pd.DataFrame({"file": ["a.png"], "x": [1]}).to_csv(tmp_path / "nopath.csv", index=False)
+    r = cli("--dataset", "csv", "--root", str(root), "--labels-csv", str(tmp_path / "nopath.csv"), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "'path'" in r.stderr
+    for argv in (["--dataset", "nope", "--out", "x"], ["--dataset", "nih", "--root", str(tmp_path / "absent"), "--out", "x"],
+                 ["--dataset", "nih", "--root", str(tmp_path), "--out", str(tmp_path / "q")],
+                 ["--dataset", "merge", "--inputs", str(tmp_path), "--out", "x"]):
+        r = cli(*argv)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+
+
+def test_unsupported_dicom_codec_names_the_plugin():
+    from pydicom.data import get_testdata_file
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm"):
+        with pytest.raises(ValueError, match="pip install pylibjpeg pylibjpeg-libjpeg"):
+            P.decode_dicom(get_testdata_file(name), 1)
+
+
+def test_resume_after_interruption_matches_one_shot_run(tmp_path):
+    raw = P.write_nih_raw(tmp_path / "nih", n=30, seed=2, image_size=32)
+    argv = ["--dataset", "nih", "--root", str(raw), "--size", "16", "--workers", "2"]
+    assert run(argv + ["--out", str(tmp_path / "a")], stop_after=11) is None
+    assert not (tmp_path / "a" / "meta.json").exists() and not (tmp_path / "a" / "images.npy").exists()
+    state = np.load(tmp_path / "a" / ".work" / "state.npz")
+    assert 11 <= state["done"].sum() < 30
+    run(argv + ["--out", str(tmp_path / "a")])
+    run(argv + ["--out", str(tmp_path / "b"), "--workers", "1"])
+    (ma, ta, ia), (mb, tb, ib) = prepared(tmp_path / "a"), prepared(tmp_path / "b")
+    assert np.array_equal(ia, ib) and ta.equals(tb) and ma == mb and not (tmp_path / "a" / ".work").exists()
+    with pytest.raises(UserError, match="--overwrite"):
+        run(argv + ["--out", str(tmp_path / "a")])
+
+
+def test_merge_intersection_and_union(tmp_path):
+    nih = P.write_nih_raw(tmp_path / "nih", n=20, seed=4, image_size=32)
+    P.write_chexpert_raw(tmp_path / "chx", n=20, seed=5, image_size=32)
+    common = ["--size", "8", "--workers", "1"]
+    run(["--dataset", "nih", "--root", str(nih), "--out", str(tmp_path / "p_nih")] + common)
+    run(["--dataset", "chexpert", "--root", str(tmp_path / "chx"), "--out", str(tmp_path / "p_chx")] + common)
+    run(["--dataset", "merge", "--inputs", str(tmp_path / "p_nih"), str(tmp_path / "p_chx"), "--out", str(tmp_path / "m")])
+    meta, t, images = prepared(tmp_path / "m")
+    _, tn, inih = prepared(tmp_path / "p_nih")
+    _, tc, ichx = prepared(tmp_path / "p_chx")
+    assert meta["labels"] == P.PAPER_MERGED_LABELS and len(t) == len(tn) + len(tc)
+    assert np.array_equal(images, np.concatenate([inih, ichx]))
+    assert t[P.PAPER_MERGED_LABELS].iloc[len(tn):].reset_index(drop=True).equals(tc[P.PAPER_MERGED_LABELS])
+    assert (t.patient.str.startswith("nih/")).sum() == len(tn) and list(t.split) == list(tn.split) + list(tc.split)
+    run(["--dataset", "merge", "--inputs", str(tmp_path / "p_nih"), str(tmp_path / "p_chx"), "--out",
+         str(tmp_path / "u"), "--labels", "union"])
+    meta, t, _ = prepared(tmp_path / "u")
+    assert set(meta["labels"]) == set(P.NIH_LABELS) | {"Effusion" if l == "Pleural Effusion" else l for l in P.CHEXPERT_LABELS}
+    assert t["Hernia"].iloc[len(tn):].isna().all() and t["Support Devices"].iloc[:len(tn)].isna().all()
+    assert t["Hernia"].iloc[:len(tn)].notna().all()
+    ds = P.PreparedDataset(str(tmp_path / "u"), "train")
+    x, y = ds.__getitems__([0, 1])
+    assert x.shape == (2, 8, 8, 1) and y.shape == (2, len(meta["labels"]))
+
+
+def test_dry_run_writes_labels_and_stats_only(tmp_path, capsys):
+    raw = P.write_nih_raw(tmp_path / "nih", n=25, seed=6, image_size=32)
+    run(["--dataset", "nih", "--root", str(raw), "--out", str(tmp_path / "d"), "--dry-run"])
+    out = capsys.readouterr().out
+    files = set(os.listdir(tmp_path / "d"))
+    assert files == {"labels.csv", "label_stats.csv", "args.json"}
+    t = pd.read_csv(tmp_path / "d" / "labels.csv")
+    stats = pd.read_csv(tmp_path / "d" / "label_stats.csv")
+    for r in stats.itertuples():
+        v = t[r.label] if r.split == "all" else t[r.label][t.split == r.split]
+        assert (r.positive, r.negative, r.masked) == ((v == 1).sum(), (v == 0).sum(), v.isna().sum())
+        assert f"label {r.label!r} split {r.split}: positive {r.positive}" in out
+    assert "images: " in out and "views: " in out
+
+
+def test_help_lists_every_dataset_and_flag():
+    r = cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for name in P.DATASETS:
+        assert name in text
+    for action in P.get_args_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in r.stdout
+        assert action.help
+
+
+def test_demo_data_is_fast_and_parsable(tmp_path):
+    import time
+    t0 = time.time()
+    P.make_demo(tmp_path / "raw", n_nih=40, n_chexpert=20, n_target=10, image_size=48)
+    assert time.time() - t0 < 10
+    for ds, sub in (("nih", "nih"), ("chexpert", "chexpert"), ("tuberculosis", "tuberculosis")):
+        t = run(["--dataset", ds, "--root", str(tmp_path / "raw" / sub), "--out", str(tmp_path / ds), "--dry-run"])
+        assert len(t) > 0
