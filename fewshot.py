@@ -1,0 +1,440 @@
+"""Few-shot transfer grid: for every k in --shots and every seed in --seeds, fine-tune on k
+training examples per class with transfer.py's functions (or fit a linear probe on frozen
+features), append the results to OUT/results.csv, then summarise them as tables and plots.
+
+One GPU or CPU (the main use):
+    python fewshot.py --data prepared/tuberculosis --init runs/pretrain_all/model.pt \
+        --source chexpert_mimic_nih_padchest --model R50x1 --shots 1 5 10 100 full --out runs/fewshot
+    python fewshot.py --data prepared/pets --init BiT-M-R50x1.npz --source imagenet21k \
+        --model R50x1 --linear-probe --out runs/fewshot        # whole grid in seconds after extraction
+    python fewshot.py --summarize runs/fewshot                 # summary.csv, summary.md, fewshot.png
+Several GPUs (each run is a DDP run over all ranks):
+    torchrun --standalone --nproc_per_node=4 fewshot.py --data prepared/padchest --init model.pt \
+        --source all --model R152x4 --batch-split 4 --out runs/fewshot
+Quick CPU run:
+    python fewshot.py --data runs/demo/prepared/tb --init runs/demo/pretrain_nih/model.pt --source nih \
+        --model R14x1 --shots 1 5 10 --seeds 0 1 2 --out runs/demo --steps 60 --resize 56 --crop 48 \
+        --batch-size 16
+
+Subsets are a pure function of (labels, k, seed), exactly k per class and nested across k for
+one seed. Multi-label targets: --multilabel-mode single (the paper's way: keep the images with
+exactly one positive label, train and evaluate single-label) or multi (at least k positives per
+label, rows taken greedily in a seeded order; training stays multi-label). Shots 0 or "full"
+use the whole training split. A run whose (method, source, model, target, shots, seed) is
+already in the results CSV is skipped.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import models
+import transfer
+
+METRICS = ["accuracy", "auc", "map"]
+
+
+# ----------------------------------------------------------------------------------------
+# k-shot subsets (pure functions of labels, k and seed)
+
+def parse_shots(value):
+    """'full' or a count >= 0 (0 = full) -> int, for argparse."""
+    if str(value).lower() == "full":
+        return 0
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shots must be a count or 'full', got {value!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"shots must be >= 0, got {k}")
+    return k
+
+
+def single_label(targets):
+    """The paper's single-label view of multi-label targets: positions of the rows with exactly
+    one positive label (unknown counts as negative) and their one-hot targets."""
+    pos = np.nan_to_num(targets) > 0.5
+    keep = np.flatnonzero(pos.sum(1) == 1)
+    return keep, pos[keep].astype(np.float32)
+
+
+def select_shots(targets, k, seed, names=None):
+    """Positions of exactly k examples of every class of one-hot `targets`, sorted. For one seed
+    each class's examples come in one fixed shuffled order and the first k are taken, so the
+    subsets are nested across k. k = 0 means all rows."""
+    if k == 0:
+        return np.arange(len(targets))
+    classes = np.asarray(targets).argmax(1)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(targets.shape[1]):
+        members = np.flatnonzero(classes == c)
+        members = members[rng.permutation(len(members))]  # drawn for every class: k-independent
+        if len(members) < k:
+            name = names[c] if names is not None else c
+            raise models.UserError(f"{k} shots need {k} training examples of class {name!r}, "
+                                   f"the train split has {len(members)}")
+        chosen.append(members[:k])
+    return np.sort(np.concatenate(chosen))
+
+
+def select_shots_multilabel(targets, k, seed, names=None):
+    """Positions of a subset with at least k positives of every label, sorted. Rows are visited
+    in one seeded order; level j = 1..k extends level j-1 by taking, in that order, the rows
+    that are positive for a label still below j. Hence nested across k, a function of
+    (labels, k, seed) only."""
+    pos = np.nan_to_num(targets) > 0.5
+    if k == 0:
+        return np.arange(len(targets))
+    short = np.flatnonzero(pos.sum(0) < k)
+    if len(short):
+        j = short[0]
+        name = names[j] if names is not None else j
+        raise models.UserError(f"{k} shots need {k} positive training examples of label {name!r}, "
+                               f"the train split has {int(pos[:, j].sum())}")
+    order = np.random.default_rng(seed).permutation(len(targets))
+    pos_ordered = pos[order]
+    taken = np.zeros(len(order), bool)
+    counts = np.zeros(pos.shape[1], int)
+    for level in range(1, k + 1):
+        while True:
+            below = counts < level
+            if not below.any():
+                break
+            candidates = ~taken & pos_ordered[:, below].any(1)
+            first = int(candidates.argmax())  # earliest row in the seeded order
+            taken[first] = True
+            counts += pos_ordered[first]
+    return np.sort(order[taken])
+
+
+# ----------------------------------------------------------------------------------------
+# Linear probe: logistic regression on frozen features, in torch
+
+def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
+    """L2-regularised logistic regression fitted with L-BFGS: multinomial (softmax) for
+    single-label targets, one-vs-rest sigmoids for multi-label ones (unknown targets masked).
+    Objective as scikit-learn's LogisticRegression(C=c): sum of losses + ||W||^2 / (2c), the
+    bias not penalised. Returns (W (D, L), b (L,)) as float tensors."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    y = torch.as_tensor(targets, dtype=torch.float64)
+    n, d = x.shape
+    w = torch.zeros(d, y.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+    known = ~torch.isnan(y)
+    y = torch.nan_to_num(y)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ w + b
+        if multilabel:
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+                    * known).sum()
+        else:
+            loss = -(y * torch.log_softmax(logits, 1)).sum()
+        # Divided by n so that L-BFGS tolerances mean the same at every k; same minimiser.
+        loss = (loss + (w * w).sum() / (2 * c)) / n
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def linear_probe(args, env, base_model, train, evalset, shots_list, seeds):
+    """Extract features of the train and evaluation rows once, then fit and record one probe per
+    (k, seed). Returns the results rows."""
+    cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
+    model = base_model.to(env.device)
+    t0 = time.time()
+    batch = transfer.eval_batch_size(cfg, args, env)
+    train_x, _ = transfer.predict_features(model, train, cfg["crop"], env, batch, args.dtype, features=True)
+    eval_x, eval_y = transfer.predict_features(model, evalset, cfg["crop"], env, batch, args.dtype,
+                                               features=True)
+    models.print0(f"features {len(train_x)} train + {len(eval_x)} eval at {cfg['crop']}px, "
+                  f"dim {train_x.shape[1]}, {time.time() - t0:.1f}s")
+    rows = []
+    for k in shots_list:
+        for seed in seeds:
+            key = {"method": "linear", "source": args.source, "model": args.model,
+                   "target": args.target, "shots": k, "seed": seed}
+            done = transfer.find_result(transfer.results_path(args), key)
+            if done is not None:
+                models.print0(f"skip {' '.join(f'{a}={v}' for a, v in key.items())}: already done")
+                rows.append(done)
+                continue
+            t1 = time.time()
+            idx = subset(train, k, seed, args.multilabel_mode)
+            w, b = fit_logistic(train_x[idx], train.targets[idx], train.multilabel, args.probe_c,
+                                args.probe_iters)
+            logits = (torch.as_tensor(eval_x) @ w + b).numpy()
+            if not env.is_master:
+                continue
+            metrics, ci, per_class = transfer.evaluate(logits, eval_y, evalset.multilabel,
+                                                       evalset.labels, args, seed)
+            transfer.log_eval(key, metrics, ci)
+            task = "multilabel" if evalset.multilabel else "multiclass"
+            rows.append(transfer.record(args, key, task, metrics, ci, per_class, len(idx),
+                                        len(evalset), args.probe_iters, time.time() - t1))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# The grid
+
+def subset(train, k, seed, mode):
+    """Training positions for k shots and this seed."""
+    if train.multilabel and mode == "multi":
+        return select_shots_multilabel(train.targets, k, seed, train.labels)
+    return select_shots(train.targets, k, seed, train.labels)
+
+
+def single_label_view(dataset):
+    keep, onehot = single_label(dataset.targets)
+    if len(keep) == 0:
+        raise models.UserError(f"{dataset.folder}: no rows with exactly one positive label "
+                               "(try --multilabel-mode multi)")
+    return transfer.view(dataset, keep, onehot, multilabel=False)
+
+
+def run_grid(args):
+    env = models.setup_distributed(args.device)
+    try:
+        train, evalset, split = transfer.load_target(args.data)
+        if train.multilabel and args.multilabel_mode == "single":
+            # A different task (other rows, single-label metrics): recorded under its own name.
+            train, evalset = single_label_view(train), single_label_view(evalset)
+            args.target = f"{args.target}_single"
+        models.print0(f"target {args.target}: {len(train)} train, {len(evalset)} {split}, "
+                      f"{'multi-label' if train.multilabel else 'single-label'}, {len(train.labels)} labels")
+        for k in args.shots:  # fail on an impossible k before any training
+            subset(train, k, 0, args.multilabel_mode)
+        if env.is_master:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+        torch.manual_seed(args.seeds[0])  # one random init (--init scratch) shared by the grid
+        base = transfer.init_model(args, len(train.labels))
+        if args.linear_probe:
+            return linear_probe(args, env, base, train, evalset, args.shots, args.seeds)
+        rows = []
+        for k in args.shots:
+            for seed in args.seeds:
+                idx = subset(train, k, seed, args.multilabel_mode)
+                rows.append(transfer.run(args, env, base, transfer.view(train, idx), evalset, k, seed))
+        return rows
+    finally:
+        models.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------
+# Summary: tables and plots
+
+def shots_label(k):
+    return "full" if k == 0 else str(int(k))
+
+
+def shots_order(k):
+    return np.inf if k == 0 else k
+
+
+def summarize(results):
+    """Mean and (sample) std over seeds of every metric per method, source, model, target and
+    shots, ordered by target, method, source, model and k (full last)."""
+    df = results.copy()
+    df["shots"] = df["shots"].astype(int)
+    keys = ["target", "method", "source", "model", "shots"]
+    groups = df.groupby(keys, sort=False)
+    out = groups[METRICS].agg(["mean", "std"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    out.insert(0, "n_seeds", groups["seed"].nunique())
+    out["headline"] = groups["headline"].first()
+    out["source_size"] = groups["source_size"].max()
+    out = out.reset_index()
+    out["_order"] = out["shots"].map(shots_order)
+    out = out.sort_values(["target", "method", "source", "model", "_order"]).drop(columns="_order")
+    return out.reset_index(drop=True)
+
+
+def markdown_table(summary):
+    """Paper-style tables: one per target, a row per (method, source, model), a column per k,
+    cells 'mean ± std' of the target's headline metric."""
+    lines = []
+    for target, part in summary.groupby("target", sort=False):
+        metric = part["headline"].iloc[0]
+        shots = sorted(part["shots"].unique(), key=shots_order)
+        lines += [f"### {target} ({metric})", "",
+                  "| method | source | model | " + " | ".join(f"{shots_label(k)}-shot" if k else "full"
+                                                            for k in shots) + " |",
+                  "|---|---|---|" + "---|" * len(shots)]
+        for (method, source, model), rows in part.groupby(["method", "source", "model"], sort=False):
+            cells = []
+            for k in shots:
+                r = rows[rows["shots"] == k]
+                if r.empty:
+                    cells.append("")
+                    continue
+                mean, std = r[f"{metric}_mean"].iloc[0], r[f"{metric}_std"].iloc[0]
+                cells.append(f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}")
+            lines.append(f"| {method} | {source} | {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_fewshot(summary, path):
+    """Headline metric against shots, one panel per target, one line per source (and model,
+    method); scratch dashed as the baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = list(summary["target"].unique())
+    cols = min(3, len(targets))
+    rows_n = -(-len(targets) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
+    for ax, target in zip(axes.flat, targets):
+        part = summary[summary["target"] == target]
+        metric = part["headline"].iloc[0]
+        shots = sorted(part["shots"].unique(), key=shots_order)
+        pos = {k: i for i, k in enumerate(shots)}
+        for (method, source, model), r in part.groupby(["method", "source", "model"], sort=False):
+            r = r.sort_values("shots", key=lambda s: s.map(shots_order))
+            style = {"marker": "s" if method == "linear" else "o"}
+            if source == "scratch":
+                style.update(linestyle="--", color="black" if method == "linear" else "gray")
+            ax.errorbar([pos[k] for k in r["shots"]], r[f"{metric}_mean"], yerr=r[f"{metric}_std"].fillna(0),
+                        capsize=3, label=f"{source} {model}" + (" (linear)" if method == "linear" else ""),
+                        **style)
+        ax.set_xticks(range(len(shots)), [shots_label(k) for k in shots])
+        ax.set_xlabel("examples per class")
+        ax.set_ylabel(metric)
+        ax.set_title(target)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_source_size(summary, path):
+    """Headline metric against pre-training set size (log scale), one panel per target, one
+    line per (method, model, shots). Only sources with a known size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    known = summary[summary["source_size"].notna()]
+    targets = list(known["target"].unique())
+    cols = min(3, len(targets))
+    rows_n = -(-len(targets) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
+    for ax, target in zip(axes.flat, targets):
+        part = known[known["target"] == target]
+        metric = part["headline"].iloc[0]
+        for (method, model, k), r in part.groupby(["method", "model", "shots"], sort=False):
+            r = r.sort_values("source_size")
+            ax.errorbar(r["source_size"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"].fillna(0), marker="o",
+                        capsize=3, label=f"{model} {shots_label(k)}" + (" (linear)" if method == "linear" else ""))
+        ax.set_xscale("log")
+        ax.set_xlabel("pre-training images")
+        ax.set_ylabel(metric)
+        ax.set_title(target)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_source_sizes(items):
+    sizes = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise models.UserError(f"--source-sizes expects NAME=COUNT, got {item!r}") from None
+    return sizes
+
+
+def run_summary(args):
+    path = args.summarize
+    csv = os.path.join(path, "results.csv") if os.path.isdir(path) else path
+    if not os.path.exists(csv):
+        raise FileNotFoundError(f"no results file at {csv}")
+    out = os.path.dirname(os.path.abspath(csv))
+    results = pd.read_csv(csv)
+    missing = [c for c in transfer.KEY_COLUMNS + METRICS + ["headline"] if c not in results.columns]
+    if missing:
+        raise models.UserError(f"{csv} is not a results file (missing columns {', '.join(missing)})")
+    if results.empty:
+        raise models.UserError(f"{csv} has no results")
+    if "source_size" not in results.columns:
+        results["source_size"] = np.nan
+    for name, size in parse_source_sizes(args.source_sizes).items():
+        results.loc[results["source"] == name, "source_size"] = size
+    summary = summarize(results)
+    summary.to_csv(os.path.join(out, "summary.csv"), index=False)
+    table = markdown_table(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "summary_args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    plot_fewshot(summary, os.path.join(out, "fewshot.png"))
+    written = ["summary.csv", "summary.md", "fewshot.png"]
+    if summary["source_size"].notna().any():
+        plot_source_size(summary, os.path.join(out, "source_size.png"))
+        written.append("source_size.png")
+    else:
+        print("no source sizes known (--source-size when running, or --source-sizes here): "
+              "source_size.png not drawn")
+    print(table)
+    print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    parser = models.ArgumentParser(description="Few-shot transfer grid over shots and seeds, and its summary.")
+    transfer.add_common_arguments(parser)
+    parser.add_argument("--shots", nargs="+", type=parse_shots, default=[1, 5, 10, 100, 0],
+                        help="examples per class; 0 or 'full' = the whole training split")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="seeds of subset choice and training")
+    parser.add_argument("--multilabel-mode", default="single", choices=["single", "multi"],
+                        help="multi-label targets: single = images with exactly one positive, trained "
+                             "single-label (the paper's way; results under TARGET_single); "
+                             "multi = >= k positives per label, trained multi-label")
+    parser.add_argument("--linear-probe", action="store_true",
+                        help="logistic regression on frozen features instead of fine-tuning")
+    parser.add_argument("--probe-c", type=float, default=1.0,
+                        help="inverse L2 strength of the linear probe (scikit-learn's C)")
+    parser.add_argument("--probe-iters", type=int, default=500, help="L-BFGS iterations of the linear probe")
+    parser.add_argument("--summarize", metavar="RESULTS_DIR_OR_CSV", default=None,
+                        help="only summarise a results CSV (or OUT folder) into summary.csv, "
+                             "summary.md, fewshot.png, source_size.png")
+    parser.add_argument("--source-sizes", nargs="+", metavar="NAME=COUNT", default=None,
+                        help="with --summarize: pre-training set sizes per source for source_size.png")
+    return parser
+
+
+def main(args):
+    if args.summarize:
+        return run_summary(args)
+    transfer.finish_args(args)
+    if args.probe_c <= 0 or args.probe_iters < 1:
+        raise models.UserError("--probe-c must be > 0 and --probe-iters >= 1")
+    args.shots = list(dict.fromkeys(args.shots))
+    return run_grid(args)
+
+
+if __name__ == "__main__":
+    models.run_cli(main, get_args_parser())

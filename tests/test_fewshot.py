@@ -1,0 +1,289 @@
+"""fewshot.py: k-shot subsets, the torch logistic-regression probe against scikit-learn, the
+summary of a hand-made results file, tiny end-to-end grids (fine-tuning and linear probe, with
+resume-skip) and the command line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for test_transfer's helpers
+
+import fewshot  # noqa: E402
+import models  # noqa: E402
+from prepare_data import save_prepared  # noqa: E402
+
+TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
+        "--bootstrap", "20"]
+
+
+def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=15, n_test=9, size=16, seed=0):
+    """A tiny prepared dataset whose classes differ by brightness of the left part. Multi-label:
+    the first rows of the train split have exactly one positive each (one per label, twice)."""
+    rng = np.random.default_rng(seed)
+    n, c = n_train + n_test, len(labels)
+    if task == "multiclass":
+        y = np.eye(c)[np.arange(n) % c]
+    else:
+        y = (rng.random((n, c)) < 0.5).astype(float)
+        y[rng.random(y.shape) < 0.1] = np.nan
+        y[: 2 * c] = np.eye(c)[np.arange(2 * c) % c]
+        y[n_train: n_train + c] = np.eye(c)
+    images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+    for i in range(n):
+        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (c + 1)] += 150
+    table = pd.DataFrame({"path": [f"im{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
+                          "view": "PA", "split": ["train"] * n_train + ["test"] * n_test})
+    for j, name in enumerate(labels):
+        table[name] = y[:, j]
+    save_prepared(str(folder), images, table, list(labels), task, name=Path(folder).name,
+                  extra_meta={"orig_size": [size, size]})
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
+    for each other made these tests ~7x slower; the previous setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ----------------------------------------------------------------------------------------
+# k-shot subsets
+
+def onehot(classes, c):
+    return np.eye(c, dtype=np.float32)[classes]
+
+
+def test_select_shots_exact_deterministic_nested():
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 4, 500)
+    targets = onehot(classes, 4)
+    prev = set()
+    for k in (1, 5, 10, 100):
+        idx = fewshot.select_shots(targets, k, seed=3)
+        assert np.bincount(classes[idx], minlength=4).tolist() == [k] * 4
+        assert len(set(idx)) == len(idx) == 4 * k
+        assert np.array_equal(idx, fewshot.select_shots(targets, k, seed=3))
+        assert prev <= set(idx)  # nested: the smaller subsets are inside
+        prev = set(idx)
+    assert not np.array_equal(fewshot.select_shots(targets, 5, 3), fewshot.select_shots(targets, 5, 4))
+    assert np.array_equal(fewshot.select_shots(targets, 0, 3), np.arange(500))
+
+
+def test_select_shots_too_few_examples():
+    targets = onehot(np.array([0, 0, 0, 1, 1]), 2)
+    with pytest.raises(models.UserError, match="3 shots need 3 training examples of class 'b'.* has 2"):
+        fewshot.select_shots(targets, 3, 0, names=["a", "b"])
+
+
+def test_single_label_view_of_multilabel():
+    y = np.array([[1, 0, 0], [1, 1, 0], [np.nan, 1, 0], [0, 0, 0], [0, 0, 1]], np.float32)
+    keep, hot = fewshot.single_label(y)
+    assert keep.tolist() == [0, 2, 4]  # unknown counts as negative, no positive = dropped
+    assert hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def test_select_shots_multilabel_greedy():
+    rng = np.random.default_rng(1)
+    y = (rng.random((400, 5)) < np.array([0.5, 0.3, 0.1, 0.05, 0.02])).astype(np.float32)
+    y[rng.random(y.shape) < 0.1] = np.nan
+    prev = set()
+    for k in (1, 2, 5):
+        idx = fewshot.select_shots_multilabel(y, k, seed=0)
+        counts = (np.nan_to_num(y[idx]) > 0.5).sum(0)
+        assert (counts >= k).all()
+        assert counts.min() == k  # greedy: stops as soon as the rarest label has k
+        assert np.array_equal(idx, fewshot.select_shots_multilabel(y, k, seed=0))
+        assert prev <= set(idx)
+        prev = set(idx)
+    assert len(fewshot.select_shots_multilabel(y, 5, 0)) < 60  # far from all 400 rows
+    rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())
+    with pytest.raises(models.UserError, match=f"label 'e'.* has {rare}"):
+        fewshot.select_shots_multilabel(y, rare + 1, 0, names=list("abcde"))
+
+
+# ----------------------------------------------------------------------------------------
+# Linear probe against scikit-learn
+
+def test_fit_logistic_multinomial_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6))
+    cls = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.8, size=120) > 0).astype(int) + (x[:, 2] > 1)
+    w, b = fewshot.fit_logistic(x, onehot(cls, 3), multilabel=False, c=0.5)
+    ours = torch_softmax(x @ w.double().numpy() + b.double().numpy())
+    ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=5000).fit(x, cls).predict_proba(x)
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_fit_logistic_multilabel_one_vs_rest_masks_unknown():
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 4))
+    y = (x[:, :2] + rng.normal(size=(100, 2)) > 0).astype(float)
+    y[rng.random(y.shape) < 0.2] = np.nan
+    w, b = fewshot.fit_logistic(x, y, multilabel=True, c=2.0)
+    for j in range(2):
+        known = ~np.isnan(y[:, j])
+        ref = LogisticRegression(C=2.0, tol=1e-10, max_iter=5000).fit(x[known], y[known, j])
+        ours = 1 / (1 + np.exp(-(x @ w[:, j].double().numpy() + float(b[j]))))
+        assert np.abs(ours - ref.predict_proba(x)[:, 1]).max() < 1e-3
+
+
+def torch_softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Summary of a hand-made results file
+
+def hand_made_results(path):
+    rows = []
+    for source, accs in [("scratch", {1: [0.2, 0.4, 0.6], 0: [0.5, 0.5, 0.8]}),
+                         ("nih", {1: [0.5, 0.7, 0.9], 0: [0.9, 0.95, 1.0]})]:
+        for shots, values in accs.items():
+            for seed, acc in enumerate(values):
+                rows.append({"method": "finetune", "source": source, "model": "R14x1", "target": "tb",
+                             "shots": shots, "seed": seed, "source_size": 100 if source == "nih" else None,
+                             "task": "multiclass", "headline": "accuracy", "accuracy": acc,
+                             "auc": acc / 2, "map": 0.3})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_summarize_exact_means_and_stds(tmp_path, capsys):
+    hand_made_results(tmp_path / "results.csv")
+    args = fewshot.get_args_parser().parse_args(["--summarize", str(tmp_path), "--source-sizes", "scratch=1"])
+    summary = fewshot.main(args)
+    nih = summary[summary["source"] == "nih"].set_index("shots")
+    assert nih.loc[1, "accuracy_mean"] == pytest.approx(0.7)
+    assert nih.loc[1, "accuracy_std"] == pytest.approx(0.2)  # sample std over the 3 seeds
+    assert nih.loc[0, "accuracy_mean"] == pytest.approx(0.95)
+    assert nih.loc[0, "accuracy_std"] == pytest.approx(0.05)
+    assert nih.loc[1, "auc_mean"] == pytest.approx(0.35) and nih.loc[1, "map_std"] == pytest.approx(0)
+    assert (summary["n_seeds"] == 3).all()
+    assert list(summary["shots"]) == [1, 0, 1, 0]  # per source, full last
+    csv = pd.read_csv(tmp_path / "summary.csv")
+    for column in ["source", "model", "target", "shots", "accuracy_mean", "accuracy_std", "auc_mean",
+                   "map_std"]:
+        assert column in csv.columns
+    md = (tmp_path / "summary.md").read_text()
+    assert "| finetune | nih | R14x1 | 0.700 ± 0.200 | 0.950 ± 0.050 |" in md
+    assert "| finetune | scratch | R14x1 | 0.400 ± 0.200 | 0.600 ± 0.173 |" in md
+    assert "0.700 ± 0.200" in capsys.readouterr().out
+    assert (tmp_path / "fewshot.png").stat().st_size > 1000
+    assert (tmp_path / "source_size.png").stat().st_size > 1000
+    assert summary.set_index("source").loc["scratch", "source_size"].tolist() == [1, 1]
+
+
+# ----------------------------------------------------------------------------------------
+# End to end
+
+def test_fewshot_finetune_grid_and_resume_skip(tmp_path, capsys):
+    data = make_dataset(tmp_path / "tb")
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--steps", "2",
+            "--source", "nih", "--source-size", "50"] + TINY
+    rows = fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    assert [r["num_train"] for r in rows] == [3, 6]
+    results = pd.read_csv(out / "results.csv")
+    assert results[["shots", "seed"]].values.tolist() == [[1, 0], [2, 0]]
+    assert (results["source"] == "nih").all() and (results["method"] == "finetune").all()
+    capsys.readouterr()
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    assert capsys.readouterr().out.count("skip method=finetune") == 2
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    summary = fewshot.main(fewshot.get_args_parser().parse_args(["--summarize", str(out)]))
+    assert len(summary) == 2 and (out / "fewshot.png").exists() and (out / "source_size.png").exists()
+
+
+def test_linear_probe_grid(tmp_path, capsys):
+    data = make_dataset(tmp_path / "tb", n_train=30)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--shots", "1", "5", "full", "--seeds", "0", "1",
+            "--linear-probe"] + TINY
+    rows = fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert log.count("features ") == 1  # extracted once for the whole grid
+    assert [r["num_train"] for r in rows] == [3, 3, 15, 15, 30, 30]
+    results = pd.read_csv(out / "results.csv")
+    assert (results["method"] == "linear").all() and len(results) == 6
+    assert results["accuracy"].between(0, 1).all()
+    # The classes differ by brightness: the full-data probe on frozen random features beats chance
+    assert results[results["shots"] == 0]["accuracy"].mean() > 0.5
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    assert capsys.readouterr().out.count("skip method=linear") == 6
+
+
+def test_multilabel_modes(tmp_path):
+    data = make_dataset(tmp_path / "px", task="multilabel", n_train=24, n_test=12)
+    out = tmp_path / "out"
+    base = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--linear-probe"] + TINY
+    single = fewshot.main(fewshot.get_args_parser().parse_args(base + ["--multilabel-mode", "single"]))
+    assert [r["target"] for r in single] == ["px_single"] * 2
+    assert [r["num_train"] for r in single] == [3, 6] and single[0]["headline"] == "accuracy"
+    multi = fewshot.main(fewshot.get_args_parser().parse_args(base + ["--multilabel-mode", "multi"]))
+    assert [r["target"] for r in multi] == ["px"] * 2 and multi[0]["headline"] == "auc"
+    assert multi[0]["num_train"] <= multi[1]["num_train"]
+    assert set(pd.read_csv(out / "results.csv")["target"]) == {"px", "px_single"}
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "DATA", "--shots", "100"], "100 shots need 100 training examples of class 'a'"),
+    (["--data", "DATA", "--shots", "abc"], "shots must be a count or 'full'"),
+    (["--data", "DATA", "--shots", "-1"], "shots must be >= 0"),
+    (["--summarize", "/nonexistent/run"], "no results file"),
+    (["--summarize", "CSV"], "is not a results file"),
+    (["--summarize", "CSV_OK", "--source-sizes", "nih"], "NAME=COUNT"),
+    (["--shots", "1"], "--data is required"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    data = make_dataset(tmp_path / "d")
+    pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
+    hand_made_results(tmp_path / "ok.csv")
+    subs = {"DATA": str(data), "CSV": str(tmp_path / "bad.csv"), "CSV_OK": str(tmp_path / "ok.csv")}
+    argv = [subs.get(a, a) for a in argv] + ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        models.run_cli(fewshot.main, fewshot.get_args_parser(), argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "results.csv").exists()
+
+
+def test_cli_subprocess_summarize(tmp_path):
+    hand_made_results(tmp_path / "results.csv")
+    proc = subprocess.run([sys.executable, str(ROOT / "fewshot.py"), "--summarize", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "| finetune | nih | R14x1 | 0.700 ± 0.200 |" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "fewshot.py"), "--summarize", str(tmp_path / "no")],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_flag_with_default():
+    from test_transfer import help_blocks
+    parser = fewshot.get_args_parser()
+    blocks = help_blocks(parser)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert flag in blocks and action.help, flag
+        assert "(default:" in blocks[flag], flag
+    assert "(default: [1, 5, 10, 100, 0])" in blocks["--shots"]
+    assert "(default: [0, 1, 2, 3, 4])" in blocks["--seeds"]

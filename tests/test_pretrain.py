@@ -1,0 +1,339 @@
+"""pretrain.py and the training machinery it uses: schedule, data order, AGC, DDP = gradient
+accumulation, bitwise resume after SIGTERM and kill -9, non-finite loss, CLI errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import models  # noqa: E402
+import pretrain  # noqa: E402
+from prepare_data import save_prepared  # noqa: E402
+
+TINY = ["--model", "R14x1", "--image-size", "24", "--batch-size", "8", "--warmup-steps", "2",
+        "--dtype", "fp32", "--workers", "0", "--lr", "0.3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The runs are tiny: more threads only fight over the shared CPU cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_prepared(out, n_train=32, n_valid=8, labels=("A", "B", "C"), seed=0, size=24,
+                  task="multilabel"):
+    rng = np.random.default_rng(seed)
+    n = n_train + n_valid
+    images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+    if task == "multilabel":
+        y = rng.integers(0, 2, (n, len(labels))).astype(float)
+        y[rng.random(y.shape) < 0.2] = np.nan
+    else:
+        y = np.eye(len(labels))[rng.integers(0, len(labels), n)]
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
+                          "view": "PA", "split": ["train"] * n_train + ["valid"] * n_valid})
+    for j, label in enumerate(labels):
+        table[label] = y[:, j]
+    save_prepared(out, images, table, list(labels), task, name=Path(out).name,
+                  extra_meta={"orig_size": [size, size]})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("data") / "toy")
+
+
+def run_main(argv):
+    return pretrain.main(pretrain.get_args_parser().parse_args(argv))
+
+
+def start(argv, torchrun=False):
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"] if torchrun else [])
+    return subprocess.Popen(launcher + [str(ROOT / "pretrain.py")] + argv, cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def weights(path):
+    return models.load_checkpoint(path)["model"]
+
+
+def wait_for_step(proc, step, lines):
+    """Read log lines until `step N/` with N >= step is printed."""
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            return
+    raise AssertionError("run ended before step %d:\n%s" % (step, "".join(lines)))
+
+
+# ----------------------------------------------------------------------------------------
+# Rules
+
+def test_learning_rate_schedule():
+    lr = lambda step, **kw: pretrain.learning_rate(step, 0.03, 512, 10, 100, **kw)  # noqa: E731
+    assert lr(0, warmup_steps=5) == 0.0
+    assert lr(2, warmup_steps=5) == pytest.approx(0.06 * 2 / 5)
+    assert lr(5, warmup_steps=5) == pytest.approx(0.06)  # lr x batch / 256
+    steps = dict(warmup_steps=0, decay_epochs=(3, 6, 8))
+    assert [lr(s, **steps) for s in (29, 30, 59, 60, 80, 99)] == pytest.approx(
+        [0.06, 0.006, 0.006, 0.0006, 0.00006, 0.00006])
+    cos = dict(warmup_steps=10, schedule="cosine")
+    assert lr(10, **cos) == pytest.approx(0.06)
+    assert lr(55, **cos) == pytest.approx(0.03)
+    assert lr(100, **cos) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_data_order_depends_on_global_batch_only():
+    n, g = 50, 12
+
+    def chunks(world, accum, epoch, start=0):
+        out = {}
+        for rank in range(world):
+            s = models.GlobalBatchSampler(n, g, world, rank, accum, seed=3)
+            s.set_epoch(epoch, start)
+            batches = list(s)
+            assert len(batches) == len(s)
+            for i, b in enumerate(batches):
+                step, m = divmod(i, accum)
+                out[(step + start, m * world + rank)] = b
+        return out
+
+    ref = chunks(1, 1, 0)  # not split: one chunk per step
+    for world, accum in [(2, 1), (1, 2), (2, 3), (3, 2), (1, 6)]:
+        split = chunks(world, accum, 0)
+        for step in range(n // g):
+            merged = [i for c in range(world * accum) for i in split[(step, c)]]
+            assert merged == ref[(step, 0)], (world, accum)
+    assert chunks(2, 1, 0) == chunks(1, 2, 0)
+    used = [i for b in ref.values() for i in b]
+    assert len(set(used)) == len(used) == (n // g) * g
+    assert chunks(1, 1, 1) != ref  # a new permutation each epoch
+    resumed = chunks(2, 2, 0, start=2)
+    assert resumed == {k: v for k, v in chunks(2, 2, 0).items() if k[0] >= 2}
+    with pytest.raises(models.UserError):
+        models.GlobalBatchSampler(n, 10, 3, 0, 1)
+
+
+def test_adaptive_clip_grad_matches_timm():
+    from timm.utils.agc import adaptive_clip_grad as timm_agc
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(16) * 1e-4),
+          torch.nn.Parameter(torch.randn(5, 7))]
+    for p in ps:
+        p.grad = torch.randn_like(p) * torch.logspace(-4, 1, p.shape[0]).view(-1, *[1] * (p.ndim - 1))
+    ref = [p.grad.clone() for p in ps]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for q, g in zip(qs, ref):
+        q.grad = g.clone()
+    models.adaptive_clip_grad(ps, 0.01, 1e-3)
+    timm_agc(qs, 0.01, 1e-3)
+    for p, q, g in zip(ps, qs, ref):
+        torch.testing.assert_close(p.grad, q.grad)
+        assert not torch.equal(p.grad, g)  # something was clipped
+
+
+def test_rng_state_survives_weights_only_checkpoint(tmp_path):
+    import random
+    model = models.create_model("R14x1", 2)
+    random.gauss(0, 1)  # a cached gaussian is part of Python's state
+    models.save_checkpoint(tmp_path / "c.pt", model, step=7)
+    expected = (random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
+    state = models.load_checkpoint(tmp_path / "c.pt")
+    models.restore_rng(state["rng"])
+    assert (random.gauss(0, 1), np.random.rand(), torch.rand(1).item()) == expected
+    assert state["step"] == 7
+
+
+def test_sources_are_united_with_unknown_labels(tmp_path):
+    a = make_prepared(tmp_path / "a", 4, 1, labels=("A", "B"), seed=1)
+    b = make_prepared(tmp_path / "b", 3, 1, labels=("B", "C"), seed=2)
+    ds = pretrain.SourceDataset([a, b], "train")
+    assert ds.labels == ["A", "B", "C"] and len(ds) == 7
+    x, y = ds.__getitems__([5, 0, 6])
+    assert x.shape == (3, 24, 24, 1) and x.dtype == torch.uint8
+    assert torch.isnan(y[0, 0]) and torch.isnan(y[2, 0]) and torch.isnan(y[1, 2])
+    raw_b = np.load(Path(b) / "images.npy")
+    assert torch.equal(x[0], torch.from_numpy(raw_b[1]))
+
+
+# ----------------------------------------------------------------------------------------
+# Runs
+
+def test_two_ranks_equal_one_rank_with_accumulation(data, tmp_path):
+    common = ["--data", data, "--epochs", "1", "--log-every", "1"] + TINY
+    ddp = start(common + ["--out", str(tmp_path / "ddp")], torchrun=True)
+    rc, out_ddp = finish(ddp)
+    assert rc == 0, out_ddp
+    rc, out_acc = finish(start(common + ["--out", str(tmp_path / "acc"), "--accum-steps", "2"]))
+    assert rc == 0, out_acc
+    assert "2 rank(s) x 1 micro-step(s) x 4 images" in out_ddp
+    assert "1 rank(s) x 2 micro-step(s) x 4 images" in out_acc
+    a, b = weights(tmp_path / "ddp" / "model.pt"), weights(tmp_path / "acc" / "model.pt")
+    torch.manual_seed(0)  # the initialisation of both runs (--seed 0)
+    init = models.create_model("R14x1", 3).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert all(not torch.equal(a[k], init[k]) for k in a if k.endswith("conv.weight"))
+    # the sharded evaluation sees all 8 validation images once: same metrics as one rank
+    evals = [[l for l in o.splitlines() if l.startswith("eval ")] for o in (out_ddp, out_acc)]
+    assert len(evals[0]) == len(evals[1]) == 1 and evals[0][0].endswith("n 8")
+    for x, y in zip(evals[0][0].split()[6::2], evals[1][0].split()[6::2]):
+        assert float(x) == pytest.approx(float(y), abs=1e-4)
+
+
+def test_sigterm_and_kill9_then_resume_is_bitwise_identical(data, tmp_path):
+    common = ["--data", data, "--epochs", "3", "--log-every", "1", "--save-every", "1",
+              "--deterministic"] + TINY  # 12 steps
+    ref = start(common + ["--out", str(tmp_path / "ref")])
+    out = str(tmp_path / "run")
+    lines = []
+    proc = start(common + ["--out", out])
+    wait_for_step(proc, 2, lines)
+    proc.send_signal(signal.SIGTERM)
+    rc, rest = finish(proc)
+    assert rc == 0 and "stopped by signal" in rest, "".join(lines) + rest
+    first_stop = models.load_checkpoint(Path(out) / "checkpoint.pt")["step"]
+    assert 2 <= first_stop < 12 and not (Path(out) / "model.pt").exists()
+
+    lines = []
+    proc = start(common + ["--out", out, "--resume"])
+    wait_for_step(proc, first_stop + 2, lines)
+    assert proc.poll() is None
+    proc.kill()  # SIGKILL: no chance to save
+    proc.wait()
+    assert f"resumed from {out}/checkpoint.pt at step {first_stop}" in "".join(lines)
+    killed_at = models.load_checkpoint(Path(out) / "checkpoint.pt")["step"]
+    assert first_stop < killed_at < 12
+
+    rc, rest = finish(start(common + ["--out", out, "--resume"]))
+    assert rc == 0 and f"at step {killed_at}" in rest, rest
+    rc, ref_out = finish(ref)
+    assert rc == 0, ref_out
+    a, b = weights(tmp_path / "ref" / "model.pt"), weights(Path(out) / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_restarts_a_dead_rank_and_the_job_finishes(data, tmp_path):
+    """Under torchrun --max-restarts=1 a rank killed with SIGKILL is restarted (with the other
+    ranks), the new round resumes from the last checkpoint, and the job ends with exit 0."""
+    out = tmp_path / "run"
+    argv = ["--data", data, "--epochs", "10", "--log-every", "1", "--save-every", "2", "--resume",
+            "--out", str(out)] + TINY  # 40 steps
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "--max-restarts=1", str(ROOT / "pretrain.py")] + argv,
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    wait_for_step(proc, 4, lines)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(p) for p in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    rc, rest = finish(proc)
+    assert rc == 0, "".join(lines) + rest
+    assert f"resumed from {out}/checkpoint.pt at step" in rest
+    assert "done: 40 steps" in rest and (out / "model.pt").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, capsys):
+    # An absurd lr behind a long warm-up: step 1 runs at lr 0 and is saved, then it diverges.
+    out = tmp_path / "run"
+    argv = ["--data", data, "--out", str(out), "--epochs", "3", "--save-every", "1", "--log-every",
+            "10"] + TINY + ["--lr", "1e30", "--warmup-steps", "1000000"]
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss" in err[0], err
+    state = models.load_checkpoint(out / "checkpoint.pt")
+    assert 1 <= state["step"] < 12 and f"(step {state['step']})" in err[0]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "model.pt").exists()
+
+
+def test_tiny_end_to_end_two_sources(tmp_path, capsys):
+    a = make_prepared(tmp_path / "a", 16, 4, labels=("A", "B"), seed=1)
+    b = make_prepared(tmp_path / "b", 16, 4, labels=("B", "C"), seed=2)
+    out = tmp_path / "run"
+    argv = ["--data", a, "--data", b, "--out", str(out), "--epochs", "2", "--log-every", "2",
+            "--agc", "0.01", "--schedule", "cosine", "--channels-last"] + TINY
+    argv[argv.index("--workers") + 1] = "1"
+    run_main(argv)
+    log = capsys.readouterr().out.splitlines()
+    steps = [l for l in log if l.startswith("step ")]
+    assert len(steps) == 4 and steps[-1].startswith("step 8/8 epoch 2.00 loss ")
+    for line in steps:
+        f = line.split()
+        assert f[6] == "lr" and f[8] == "img/s" and f[10] == "data" and math.isfinite(float(f[5]))
+    assert len([l for l in log if l.startswith("eval step ")]) == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["data"] == [a, b] and args["agc"] == 0.01
+    final = models.load_checkpoint(out / "model.pt")
+    assert final["labels"] == ["A", "B", "C"] and final["task"] == "multilabel"
+    assert final["step"] == 8 and "optimizer" not in final
+    models.create_model("R14x1", 3).load_state_dict(final["model"])
+    # finished run: without --resume the folder is protected, with it nothing is left to do
+    with pytest.raises(models.UserError, match="--resume"):
+        run_main(argv)
+    if hasattr(models, "load_weights"):  # the models engineer's importer
+        run_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "init"), "--init",
+                                                   str(out / "model.pt")] + argv[argv.index("--out") + 2:])
+        assert (tmp_path / "init" / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+def cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        models.run_cli(pretrain.main, pretrain.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_is_one_line_exit_2(data, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    assert "unknown model 'R13x7'" in cli(["--data", data, "--model", "R13x7"] + out, capsys)
+    assert "no meta.json" in cli(["--data", str(tmp_path / "missing")] + out, capsys)
+    assert "not divisible" in cli(["--data", data, "--batch-size", "9", "--accum-steps", "2"] + out,
+                                  capsys)
+    assert "fewer than one global batch" in cli(["--data", data, "--batch-size", "64"] + out, capsys)
+    assert "does not exist" in cli(["--data", data, "--init", str(tmp_path / "x.npz")] + out, capsys)
+    assert "--out" in cli(["--data", data], capsys)
+    # and the real command line
+    proc = subprocess.run([sys.executable, "pretrain.py", "--data", data, "--model", "nope"] + out,
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "unknown model" in proc.stderr
+
+
+def test_help_lists_every_flag_with_its_default():
+    parser = pretrain.get_args_parser()
+    text = parser.format_help()
+    flags = [a for a in parser._actions if a.dest != "help"]
+    assert len(flags) > 25
+    for action in flags:
+        entry = " ".join(parser._get_formatter()._format_action(action).split())
+        assert entry in " ".join(text.split())
+        assert len(entry.split("(default:")[0]) > len(action.option_strings[0]) + 15, entry  # help
+        assert f"(default: {action.default})" in entry, entry

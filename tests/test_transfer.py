@@ -1,0 +1,287 @@
+"""transfer.py: BiT-HyperRule, schedules, sampling, evaluation metrics against scikit-learn,
+a tiny end-to-end fine-tuning run with resume-skip, weight loading, and its command line."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+import transfer  # noqa: E402
+from prepare_data import save_prepared  # noqa: E402
+
+TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
+        "--bootstrap", "50"]
+
+
+def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=12, n_test=9, size=16, seed=0):
+    """A tiny prepared dataset whose classes differ by brightness of the left part."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    if task == "multiclass":
+        y = np.eye(len(labels))[np.arange(n) % len(labels)]
+    else:
+        y = (rng.random((n, len(labels))) < 0.4).astype(float)
+        y[np.arange(n), np.arange(n) % len(labels)] = 1.0  # every label has positives
+        y[rng.random(y.shape) < 0.1] = np.nan
+    images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+    for i in range(n):
+        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (len(labels) + 1)] += 150
+    table = pd.DataFrame({"path": [f"im{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
+                          "view": "PA", "split": ["train"] * n_train + ["test"] * n_test})
+    for j, name in enumerate(labels):
+        table[name] = y[:, j]
+    save_prepared(str(folder), images, table, list(labels), task, name=Path(folder).name,
+                  extra_meta={"orig_size": [size, size]})
+    return folder
+
+
+def run_cli_capture(capsys, main, parser, argv):
+    """Run a script's CLI in-process; return (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        models.run_cli(main, parser, argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
+    for each other made these tests ~7x slower; the previous setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ----------------------------------------------------------------------------------------
+# HyperRule and schedule
+
+@pytest.mark.parametrize("n, schedule, mixup", [
+    (1, [100, 200, 300, 400, 500], 0.0),
+    (19_999, [100, 200, 300, 400, 500], 0.0),
+    (20_000, [500, 3000, 6000, 9000, 10_000], 0.1),
+    (499_999, [500, 3000, 6000, 9000, 10_000], 0.1),
+    (500_000, [500, 6000, 12_000, 18_000, 20_000], 0.1),
+])
+def test_hyperrule_schedule_and_mixup(n, schedule, mixup):
+    rule = transfer.hyperrule(n, (224, 224))
+    assert rule["schedule"] == schedule and rule["mixup"] == mixup
+
+
+@pytest.mark.parametrize("hw, res", [((32, 32), (160, 128)), ((95, 97), (160, 128)),  # 9215 < 9216
+                                     ((96, 96), (512, 480)), ((1, 9216), (512, 480)),
+                                     ((2828, 2320), (512, 480))])
+def test_hyperrule_resolution(hw, res):
+    rule = transfer.hyperrule(100, hw)
+    assert (rule["resize"], rule["crop"]) == res
+
+
+def test_lr_schedule_matches_bit():
+    sched, base = [100, 200, 300, 400, 500], 0.003
+    assert transfer.lr_at(0, sched, base) == 0.0
+    assert transfer.lr_at(50, sched, base) == pytest.approx(0.0015)
+    # BiT decays once the step is strictly past a boundary
+    for step, lr in [(100, base), (200, base), (201, base / 10), (300, base / 10), (301, base / 100),
+                     (401, base / 1000), (499, base / 1000)]:
+        assert transfer.lr_at(step, sched, base) == pytest.approx(lr)
+    assert transfer.scale_schedule(sched, 60) == [12, 24, 36, 48, 60]
+    assert transfer.scale_schedule([500, 3000, 6000, 9000, 10_000], 3)[-1] == 3
+
+
+def test_oversampling_weights_balance_classes():
+    y = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], np.float32)
+    w = transfer.oversampling_weights(y)
+    assert np.allclose(w, [1 / 3, 1 / 3, 1 / 3, 1])
+    plan = transfer.batch_indices(4, 64, 50, seed=0, weights=w)
+    assert abs((plan == 3).mean() - 0.5) < 0.05  # the minority class is drawn half of the time
+
+
+def test_batch_indices_passes_and_determinism():
+    plan = transfer.batch_indices(10, 4, 5, seed=3)  # 20 draws = two full passes over 10 rows
+    assert plan.shape == (5, 4)
+    flat = plan.ravel()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert np.array_equal(plan, transfer.batch_indices(10, 4, 5, seed=3))
+    assert not np.array_equal(plan, transfer.batch_indices(10, 4, 5, seed=4))
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics against scikit-learn
+
+def test_per_class_metrics_multiclass_match_sklearn():
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+    rng = np.random.default_rng(0)
+    n, c = 200, 4
+    logits = np.round(rng.normal(size=(n, c)), 1)  # rounding makes ties
+    cls = rng.integers(0, c, n)
+    cls[:5] = 3
+    targets = np.eye(c)[cls]
+    table = transfer.per_class_metrics(logits, targets, False, list("abcd"))
+    p, r, f, s = precision_recall_fscore_support(cls, logits.argmax(1), labels=range(c), zero_division=0)
+    probs = transfer.scores_from_logits(logits, False)
+    assert np.allclose(table["precision"], p) and np.allclose(table["recall"], r)
+    assert np.allclose(table["f1"], f) and list(table["support"]) == list(s)
+    for j in range(c):
+        assert table["auc"][j] == pytest.approx(roc_auc_score(cls == j, probs[:, j]))
+        assert table["ap"][j] == pytest.approx(average_precision_score(cls == j, probs[:, j]))
+    head = models.headline_metrics(logits, targets, False)
+    assert head["accuracy"] == pytest.approx((logits.argmax(1) == cls).mean())
+
+
+def test_per_class_metrics_multilabel_nan_and_zero_division():
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+    rng = np.random.default_rng(1)
+    n, c = 150, 3
+    logits = np.round(rng.normal(size=(n, c)), 1)
+    targets = (rng.random((n, c)) < 0.3).astype(float)
+    targets[rng.random((n, c)) < 0.2] = np.nan
+    logits[:, 2] = -5.0  # never predicted positive: precision undefined -> 0 as sklearn's zero_division=0
+    table = transfer.per_class_metrics(logits, targets, True, ["x", "y", "z"])
+    for j in range(c):
+        known = ~np.isnan(targets[:, j])
+        y, pred = targets[known, j] > 0.5, logits[known, j] > 0  # sigmoid > 0.5
+        assert table["precision"][j] == pytest.approx(precision_score(y, pred, zero_division=0))
+        assert table["recall"][j] == pytest.approx(recall_score(y, pred, zero_division=0))
+        assert table["f1"][j] == pytest.approx(f1_score(y, pred, zero_division=0))
+        assert table["auc"][j] == pytest.approx(roc_auc_score(y, logits[known, j]))
+    assert table["precision"][2] == 0.0
+
+
+def test_bootstrap_ci_seeded_and_brackets_estimate():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(300, 3))
+    targets = np.eye(3)[np.where(rng.random(300) < 0.7, logits.argmax(1), rng.integers(0, 3, 300))]
+    acc = models.headline_metrics(logits, targets, False)["accuracy"]
+    low, high = transfer.bootstrap_ci(logits, targets, False, samples=300, seed=0)
+    assert low < acc < high and high - low < 0.2
+    assert (low, high) == transfer.bootstrap_ci(logits, targets, False, samples=300, seed=0)
+    assert (low, high) != transfer.bootstrap_ci(logits, targets, False, samples=300, seed=1)
+    ml_targets = (rng.random((300, 3)) < 0.5).astype(float)
+    ml_targets[:10, 0] = np.nan
+    auc = models.headline_metrics(logits, ml_targets, True)["auc"]
+    low, high = transfer.bootstrap_ci(logits, ml_targets, True, samples=100, seed=0)
+    assert low < auc < high
+    assert np.isnan(transfer.bootstrap_ci(logits, targets, False, samples=0)[0])
+
+
+# ----------------------------------------------------------------------------------------
+# End to end
+
+def test_transfer_end_to_end_and_resume_skip(tmp_path, capsys):
+    data = make_dataset(tmp_path / "tb")
+    out = tmp_path / "out"
+    args = transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(out), "--steps", "3",
+                                                  "--source-size", "1234", "--save"] + TINY)
+    row = transfer.main(args)
+    log = capsys.readouterr().out
+    assert re.search(r"^step 3/3 loss \d", log, re.M) and re.search(r"^eval .*accuracy=", log, re.M)
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 1
+    r = results.iloc[0]
+    assert (r["method"], r["source"], r["model"], r["target"], r["shots"], r["seed"]) == \
+        ("finetune", "scratch", "R14x1", "tb", 0, 0)
+    assert r["num_train"] == 12 and r["num_eval"] == 9 and r["steps"] == 3 and r["source_size"] == 1234
+    assert 0 <= r["accuracy"] <= 1 and r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    assert r["accuracy"] == pytest.approx(row["accuracy"])
+    assert json.loads(r["args"])["steps"] == 3 and r["commit"]
+    folder = out / "tb" / "finetune-scratch-R14x1" / "shots0-seed0"
+    per_class = pd.read_csv(folder / "per_class.csv")
+    assert list(per_class["label"]) == ["a", "b", "c"] and per_class["support"].sum() == 9
+    assert json.loads((folder / "args.json").read_text())["data"] == str(data)
+    assert (out / "args.json").exists()
+    saved = models.load_checkpoint(folder / "model.pt")
+    assert saved["model"]["head.conv.weight"].shape[0] == 3
+    # The head moved away from zero: training happened
+    assert saved["model"]["head.conv.weight"].abs().sum() > 0
+    # Same command again: skipped, nothing appended
+    transfer.main(transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(out),
+                                                         "--steps", "3"] + TINY))
+    assert "skip method=finetune" in capsys.readouterr().out
+    assert len(pd.read_csv(out / "results.csv")) == 1
+
+
+def test_multilabel_target_oversampling_batch_split_mixup(tmp_path):
+    data = make_dataset(tmp_path / "ml", task="multilabel", n_train=10, n_test=10)
+    args = transfer.get_args_parser().parse_args(
+        ["--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2", "--batch-split", "2",
+         "--oversample", "--mixup", "0.1", "--seed", "1"] + TINY)
+    row = transfer.main(args)
+    assert row["task"] == "multilabel" and row["headline"] == "auc" and np.isnan(row["accuracy"])
+    assert 0 <= row["auc"] <= 1 and row["seed"] == 1
+
+
+@pytest.mark.skipif(not hasattr(models, "load_weights"), reason="models.load_weights not there yet")
+def test_init_from_own_checkpoint_gets_zero_head(tmp_path):
+    src = models.create_model("R14x1", 5)
+    torch.nn.init.normal_(src.head.conv.weight)
+    path = tmp_path / "pre" / "model.pt"
+    path.parent.mkdir()
+    models.save_checkpoint(str(path), src, step=7)
+    args = transfer.get_args_parser().parse_args(["--data", "x", "--init", str(path), "--model", "R14x1"])
+    model = transfer.init_model(args, 3)
+    assert torch.equal(model.root.conv.weight, src.root.conv.weight)
+    assert model.head.conv.weight.shape[0] == 3 and model.head.conv.weight.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--data is required"),
+    (["--data", "/nonexistent/folder"], "not a prepared dataset"),
+    (["--data", "DATA", "--crop", "64", "--resize", "32"], "larger than --resize"),
+    (["--data", "DATA", "--init", "/nonexistent/w.npz"], "no such file"),
+    (["--data", "DATA", "--batch-size", "3", "--batch-split", "2", "--steps", "1"], "not divisible"),
+    (["--data", "DATA", "--model", "R999x9"], "invalid choice"),
+    (["--data", "DATA", "--steps", "0"], "at least 1"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    data = make_dataset(tmp_path / "d")
+    argv = [str(data) if a == "DATA" else a for a in argv]
+    code, err = run_cli_capture(capsys, transfer.main, transfer.get_args_parser(),
+                                argv + ["--out", str(tmp_path / "o")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_subprocess_error_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "transfer.py"), "--data", str(tmp_path / "none")],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "not a prepared dataset" in proc.stderr
+
+
+def help_blocks(parser):
+    """flag -> its help text (whitespace collapsed) from --help."""
+    text = parser.format_help()
+    blocks, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s{2}(--?[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith(" " * 4):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def test_help_lists_every_flag_with_default():
+    parser = transfer.get_args_parser()
+    blocks = help_blocks(parser)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert flag in blocks, flag
+        assert "(default:" in blocks[flag] and action.help, flag
+    assert "(default: paper)" in blocks["--recipe"] and "(default: 1000)" in blocks["--bootstrap"]
