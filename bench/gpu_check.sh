@@ -28,7 +28,7 @@ for name, n, labels, task in [("source", 512, ["A", "B", "C"], "multilabel"), ("
     save_prepared(f"{sys.argv[1]}/{name}", rng.integers(0, 256, (n, 80, 80, 1), dtype=np.uint8), t, labels, task,
                   name=name, extra_meta={"orig_size": [1024, 1024]})
 PY
-torchrun --standalone --nproc_per_node=1 pretrain.py --data "$T/source" --out "$T/pre" --model R50x1 \
+python3 -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py --data "$T/source" --out "$T/pre" --model R50x1 \
     --image-size 64 --batch-size 64 --epochs 3 --warmup-steps 2 --lr 0.01 --dtype bf16 --channels-last \
     --compile --workers 4 --log-every 2
 python3 transfer.py --data "$T/target" --init "$T/pre/model.pt" --model R50x1 --out "$T/tr" \
