@@ -47,15 +47,6 @@ def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=15, 
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
-    for each other made these tests ~7x slower; the previous setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ----------------------------------------------------------------------------------------
 # k-shot subsets
 

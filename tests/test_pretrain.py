@@ -24,14 +24,6 @@ TINY = ["--model", "R14x1", "--image-size", "24", "--batch-size", "8", "--warmup
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The runs are tiny: more threads only fight over the shared CPU cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_prepared(out, n_train=32, n_valid=8, labels=("A", "B", "C"), seed=0, size=24,
                   task="multilabel"):

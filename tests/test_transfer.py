@@ -52,15 +52,6 @@ def run_cli_capture(capsys, main, parser, argv):
     return exc.value.code, capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
-    for each other made these tests ~7x slower; the previous setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ----------------------------------------------------------------------------------------
 # HyperRule and schedule
 
