@@ -12,9 +12,9 @@ Several GPUs (each run is a DDP run over all ranks):
     torchrun --standalone --nproc_per_node=4 fewshot.py --data prepared/padchest --init model.pt \
         --source all --model R152x4 --batch-split 4 --out runs/fewshot
 Quick CPU run:
-    python fewshot.py --data runs/demo/prepared/tb --init runs/demo/pretrain_nih/model.pt --source nih \
-        --model R14x1 --shots 1 5 10 --seeds 0 1 2 --out runs/demo --steps 60 --resize 56 --crop 48 \
-        --batch-size 16
+    python fewshot.py --data runs/demo/prepared/tuberculosis --init runs/demo/pretrain/nih+chexpert/model.pt \
+        --source nih+chexpert --model R14x1 --shots 1 5 10 --seeds 0 1 2 --out runs/demo --steps 40 \
+        --lr 0.01 --resize 56 --crop 48 --batch-size 16
 
 Subsets are a pure function of (labels, k, seed), exactly k per class and nested across k for
 one seed. Multi-label targets: --multilabel-mode single (the paper's way: keep the images with
@@ -287,18 +287,33 @@ def markdown_table(summary):
     return "\n".join(lines)
 
 
-def plot_fewshot(summary, path):
-    """Headline metric against shots, one panel per target, one line per source (and model,
-    method); scratch dashed as the baseline."""
+def _panels(summary):
+    """A figure with one panel per target (3 per row): (figure, [(axes, (target, rows))]).
+    Panels left over in the last row are hidden."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    targets = list(summary["target"].unique())
-    cols = min(3, len(targets))
-    rows_n = -(-len(targets) // cols)
+    groups = list(summary.groupby("target", sort=False))
+    cols = min(3, len(groups))
+    rows_n = -(-len(groups) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
-    for ax, target in zip(axes.flat, targets):
-        part = summary[summary["target"] == target]
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    return fig, list(zip(axes.flat, groups))
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fewshot(summary, path):
+    """Headline metric against shots, one panel per target, one line per source (and model,
+    method); scratch dashed as the baseline."""
+    fig, panels = _panels(summary)
+    for ax, (target, part) in panels:
         metric = part["headline"].iloc[0]
         shots = sorted(part["shots"].unique(), key=shots_order)
         pos = {k: i for i, k in enumerate(shots)}
@@ -315,41 +330,25 @@ def plot_fewshot(summary, path):
         ax.set_ylabel(metric)
         ax.set_title(target)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(targets):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_source_size(summary, path):
     """Headline metric against pre-training set size (log scale), one panel per target, one
-    line per (method, model, shots). Only sources with a known size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    known = summary[summary["source_size"].notna()]
-    targets = list(known["target"].unique())
-    cols = min(3, len(targets))
-    rows_n = -(-len(targets) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
-    for ax, target in zip(axes.flat, targets):
-        part = known[known["target"] == target]
+    line per (method, model, shots). Only sources with a known size (scratch, 0, is left out)."""
+    fig, panels = _panels(summary[summary["source_size"] > 0])
+    for ax, (target, part) in panels:
         metric = part["headline"].iloc[0]
         for (method, model, k), r in part.groupby(["method", "model", "shots"], sort=False):
             r = r.sort_values("source_size")
             ax.errorbar(r["source_size"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"].fillna(0), marker="o",
-                        capsize=3, label=f"{model} {shots_label(k)}" + (" (linear)" if method == "linear" else ""))
+                        capsize=3, label=f"{model} {shots_label(k)}{'-shot' if k else ''}" + (" (linear)" if method == "linear" else ""))
         ax.set_xscale("log")
         ax.set_xlabel("pre-training images")
         ax.set_ylabel(metric)
         ax.set_title(target)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(targets):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def parse_source_sizes(items):
@@ -388,7 +387,7 @@ def run_summary(args):
         json.dump(vars(args), f, indent=1)
     plot_fewshot(summary, os.path.join(out, "fewshot.png"))
     written = ["summary.csv", "summary.md", "fewshot.png"]
-    if summary["source_size"].notna().any():
+    if (summary["source_size"] > 0).any():
         plot_source_size(summary, os.path.join(out, "source_size.png"))
         written.append("source_size.png")
     else:

@@ -8,8 +8,8 @@ Several GPUs (DDP: the global batch is split over the ranks, evaluation is exact
     torchrun --standalone --nproc_per_node=4 transfer.py --data prepared/covidx \
         --init BiT-M-R50x1.npz --source imagenet21k --model R50x1 --oversample --out runs/transfer
 Quick CPU run:
-    python transfer.py --data runs/demo/prepared/tb --init scratch --model R14x1 --steps 60 \
-        --resize 56 --crop 48 --batch-size 16 --out runs/demo
+    python transfer.py --data runs/demo/prepared/tuberculosis --init scratch --model R14x1 --steps 40 \
+        --lr 0.01 --resize 56 --crop 48 --batch-size 16 --out runs/demo
 
 BiT-HyperRule (Kolesnikov et al. 2020, bit_hyperrule.py of google-research/big_transfer), from
 the number of training images N and the original image size (meta.json "orig_size"):

@@ -1,8 +1,10 @@
-"""Time a few-shot grid (5 shot counts x 5 seeds) on a demo-like target with full fine-tuning
-and with the linear probe, in the same run, on a synthetic prepared dataset.
+"""Time a few-shot grid (5 shot counts x 5 seeds) on the demo target with full fine-tuning
+and with the linear probe, in the same run. Settings default to run_all.sh's demo (R14x1,
+48 px crops, 40 steps of batch 16); the target is runs/demo/prepared/tuberculosis when
+`bash run_all.sh` has made it, else a synthetic stand-in.
 
-    python bench/bench_fewshot.py                          # default: R14x1, 32 px crops, CPU-sized
-    python bench/bench_fewshot.py --steps 20 --device cuda  # longer fine-tuning on a GPU
+    python bench/bench_fewshot.py
+    python bench/bench_fewshot.py --data runs/demo/prepared/tuberculosis --device cuda
 
 Prints one line per method: wall time of the whole grid and per (k, seed) run.
 """
@@ -44,16 +46,19 @@ def demo_target(folder, n_train, n_test, size, classes, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="runs/demo/prepared/tuberculosis",
+                   help="prepared target; a synthetic one when this folder does not exist")
+    p.add_argument("--init", default="scratch", help="weights to start from (timing barely depends on it)")
     p.add_argument("--model", default="R14x1", help="network")
     p.add_argument("--shots", nargs="+", default=["1", "2", "5", "10", "full"], help="the 5 shot counts")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="the 5 seeds")
-    p.add_argument("--steps", type=int, default=2, help="fine-tuning steps per run")
-    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
-    p.add_argument("--size", type=int, default=48, help="stored image side")
-    p.add_argument("--resize", type=int, default=40, help="train resize side")
-    p.add_argument("--crop", type=int, default=32, help="crop side")
-    p.add_argument("--train", type=int, default=150, help="training images")
-    p.add_argument("--test", type=int, default=60, help="test images")
+    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps per run")
+    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
+    p.add_argument("--size", type=int, default=48, help="synthetic target: stored image side")
+    p.add_argument("--resize", type=int, default=56, help="train resize side")
+    p.add_argument("--crop", type=int, default=48, help="crop side")
+    p.add_argument("--train", type=int, default=750, help="synthetic target: training images")
+    p.add_argument("--test", type=int, default=150, help="synthetic target: test images")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is much faster on a busy machine")
@@ -61,9 +66,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "demo")
-        demo_target(data, args.train, args.test, args.size, classes=2)
-        common = ["--data", data, "--model", args.model, "--shots", *args.shots, "--seeds",
+        data = args.data
+        if not os.path.exists(os.path.join(data, "meta.json")):
+            data = os.path.join(tmp, "demo")
+            demo_target(data, args.train, args.test, args.size, classes=2)
+        common = ["--data", data, "--init", args.init, "--model", args.model, "--shots", *args.shots, "--seeds",
                   *map(str, args.seeds), "--out", os.path.join(tmp, "out"), "--resize", str(args.resize),
                   "--crop", str(args.crop), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                   "--log-every", str(args.steps), "--bootstrap", "200"]
@@ -75,7 +82,7 @@ def main():
             t0 = time.perf_counter()
             rows = fewshot.main(fewshot.get_args_parser().parse_args(common + extra))
             timings[name] = (time.perf_counter() - t0, rows)
-        print(f"\n{args.model}, {args.train} train / {args.test} test images, crop {args.crop}, "
+        print(f"\n{args.model} on {data}, crop {args.crop}, "
               f"{torch.get_num_threads()} threads, shots {' '.join(args.shots)} x seeds {' '.join(map(str, args.seeds))}")
         for name, (seconds, rows) in timings.items():
             acc = np.mean([r["accuracy"] for r in rows])

@@ -13,7 +13,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for test_transfer's helpers
 
 import fewshot  # noqa: E402
 import models  # noqa: E402
@@ -264,17 +263,3 @@ def test_cli_subprocess_summarize(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_help_lists_every_flag_with_default():
-    from test_transfer import help_blocks
-    parser = fewshot.get_args_parser()
-    blocks = help_blocks(parser)
-    for action in parser._actions:
-        if action.dest == "help":
-            continue
-        flag = action.option_strings[0]
-        assert flag in blocks and action.help, flag
-        assert "(default:" in blocks[flag], flag
-    assert "(default: [1, 5, 10, 100, 0])" in blocks["--shots"]
-    assert "(default: [0, 1, 2, 3, 4])" in blocks["--seeds"]

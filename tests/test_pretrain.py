@@ -317,15 +317,3 @@ def test_bad_input_is_one_line_exit_2(data, tmp_path, capsys):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "unknown model" in proc.stderr
-
-
-def test_help_lists_every_flag_with_its_default():
-    parser = pretrain.get_args_parser()
-    text = parser.format_help()
-    flags = [a for a in parser._actions if a.dest != "help"]
-    assert len(flags) > 25
-    for action in flags:
-        entry = " ".join(parser._get_formatter()._format_action(action).split())
-        assert entry in " ".join(text.split())
-        assert len(entry.split("(default:")[0]) > len(action.option_strings[0]) + 15, entry  # help
-        assert f"(default: {action.default})" in entry, entry

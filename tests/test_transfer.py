@@ -248,31 +248,3 @@ def test_cli_subprocess_error_exit_2(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "not a prepared dataset" in proc.stderr
-
-
-def help_blocks(parser):
-    """flag -> its help text (whitespace collapsed) from --help."""
-    text = parser.format_help()
-    blocks, current = {}, None
-    for line in text.splitlines():
-        m = re.match(r"\s{2}(--?[\w-]+)", line)
-        if m:
-            current = m.group(1)
-            blocks[current] = line
-        elif current and line.startswith(" " * 4):
-            blocks[current] += " " + line.strip()
-        else:
-            current = None
-    return {k: " ".join(v.split()) for k, v in blocks.items()}
-
-
-def test_help_lists_every_flag_with_default():
-    parser = transfer.get_args_parser()
-    blocks = help_blocks(parser)
-    for action in parser._actions:
-        if action.dest == "help":
-            continue
-        flag = action.option_strings[0]
-        assert flag in blocks, flag
-        assert "(default:" in blocks[flag] and action.help, flag
-    assert "(default: paper)" in blocks["--recipe"] and "(default: 1000)" in blocks["--bootstrap"]
