@@ -10,8 +10,10 @@
 # and optionally weights/ with Google's official BiT checkpoints (BiT-S-R50x1.npz, BiT-M-R50x1.npz, ...).
 # Settings (environment variables): OUT (runs/study), MODELS ("R50x1 R101x1 R152x2"),
 # TARGETS (all present), SHOTS ("1 5 10 100 full"), SEEDS ("0 1 2 3 4"), NPROC (GPUs per node, 1),
-# STAGES ("prepare pretrain transfer summary"): run only some stages. Finished work is skipped
-# when the script is run again: prepared folders, pre-trained models and transfer runs.
+# STAGES ("prepare pretrain transfer summary"): run only some stages; PRETRAIN_ARGS and
+# TRANSFER_ARGS: extra flags for pretrain.py and fewshot.py (e.g. "--compile" and "--dtype bf16").
+# Finished work is skipped when the script is run again: prepared folders, pre-trained models
+# and transfer runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -70,6 +72,8 @@ SHOTS=${SHOTS:-"1 5 10 100 full"}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 NPROC=${NPROC:-1}
 STAGES=${STAGES:-"prepare pretrain transfer summary"}
+PRETRAIN_ARGS=${PRETRAIN_ARGS:-}
+TRANSFER_ARGS=${TRANSFER_ARGS:-}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 present() { [ -d "$DATA/$1" ] || { echo "skipping $1: $DATA/$1 not found"; return 1; }; }
 
@@ -105,7 +109,8 @@ if has pretrain; then
                 name=${run%%:*}; init=${run#*:}
                 [ -f "$OUT/pretrain/$model/$name/model.pt" ] && continue
                 torchrun --standalone --nproc_per_node=$NPROC pretrain.py --data "$P/$source" \
-                    --model $model --out "$OUT/pretrain/$model/$name" --resume ${init:+--init "$init"}
+                    --model $model --out "$OUT/pretrain/$model/$name" --resume ${init:+--init "$init"} \
+                    $PRETRAIN_ARGS
             done
         done
     done
@@ -128,7 +133,7 @@ if has transfer; then
                 IFS=: read -r source size init <<< "$entry"
                 python fewshot.py --data "$P/$target" --init "$init" --source "$source" \
                     --source-size "$size" --model $model \
-                    --shots $SHOTS --seeds $SEEDS --out "$OUT" "${extra[@]}"
+                    --shots $SHOTS --seeds $SEEDS --out "$OUT" "${extra[@]}" $TRANSFER_ARGS
             done
         done
     done
