@@ -175,7 +175,9 @@ def test_mimic_layout_splits_and_views(tmp_path):
                           "split": ["train", "validate", "test"][k % 3]})
             path = root / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(P.synthetic_chest(rng, [], 40)).save(path)
+            pixels = P.synthetic_chest(rng, [], 40)
+            Image.fromarray(pixels).save(path)
+            write_dicom(path.with_suffix(".dcm"), pixels, 8)  # the DICOM release: same layout, .dcm
     for name, rows in (("chexpert", labels), ("metadata", meta), ("split", split)):
         pd.DataFrame(rows).to_csv(root / f"mimic-cxr-2.0.0-{name}.csv.gz", index=False)
     run(["--dataset", "mimic", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "16", "--workers", "1"])
@@ -193,6 +195,12 @@ def test_mimic_layout_splits_and_views(tmp_path):
             assert (np.isnan(exp) and np.isnan(got)) or exp == got
     run(["--dataset", "mimic", "--root", str(root), "--out", str(tmp_path / "all"), "--dry-run", "--views", "all"])
     assert len(pd.read_csv(tmp_path / "all" / "labels.csv")) == 24
+    run(["--dataset", "mimic-dicom", "--root", str(root), "--out", str(tmp_path / "dcm"), "--size", "16",
+         "--workers", "1"])
+    _, t_dcm, images_dcm = prepared(tmp_path / "dcm")
+    assert (t_dcm.path == t.path.str.replace(".jpg", ".dcm")).all()
+    assert t_dcm.drop(columns="path").equals(t.drop(columns="path"))
+    assert np.abs(images_dcm.astype(int) - images.astype(int)).mean() < 3  # JPEG vs lossless pixels
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,6 +322,53 @@ def test_pets_offline_and_cifar_needs_download(tmp_path):
     assert (t.split[t.path.str.contains("_9|_1[0-2]", regex=True)] == "test").all()
     r = cli("--dataset", "cifar10", "--root", str(tmp_path / "pets"), "--out", str(tmp_path / "c"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--download" in r.stderr
+
+
+def test_cifar10_and_flowers102_from_torchvision_folders(tmp_path, monkeypatch):
+    """The files torchvision downloads, written in their real formats (CIFAR's pickled batches,
+    Flowers-102's jpg/ + .mat files). torchvision checks their md5 sums, which no small copy
+    can match, so only that check is bypassed."""
+    import pickle
+    import scipy.io
+    import torchvision.datasets.cifar
+    import torchvision.datasets.flowers102
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    batches = {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 6}
+    for name, n in batches.items():
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        (base / name).write_bytes(pickle.dumps(batch))
+        batches[name] = batch
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    run(["--dataset", "cifar10", "--root", str(tmp_path / "cifar"), "--out", str(tmp_path / "c10")])
+    meta, t, images = prepared(tmp_path / "c10")
+    assert images.shape == (26, 32, 32, 3) and meta["labels"] == names and meta["orig_size"] == [32, 32]
+    first = batches["data_batch_1"]
+    assert (images[0] == first["data"][0].reshape(3, 32, 32).transpose(1, 2, 0)).all()  # CHW rows -> HWC
+    labels = np.concatenate([batches[k]["labels"] for k in batches])
+    assert (t[names].to_numpy().argmax(1) == labels).all()
+    assert (t.split[:20] != "test").all() and (t.split[20:] == "test").all()
+
+    base = tmp_path / "flowers" / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    n = 12
+    for i in range(1, n + 1):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(base / "jpg" / f"image_{i:05d}.jpg")
+    flower = np.arange(n) % 3 + 1  # 1-based, as in imagelabels.mat
+    scipy.io.savemat(base / "imagelabels.mat", {"labels": flower[None]})
+    scipy.io.savemat(base / "setid.mat", {"trnid": np.arange(1, 7)[None], "valid": np.arange(7, 10)[None],
+                                          "tstid": np.arange(10, 13)[None]})
+    run(["--dataset", "flowers102", "--root", str(tmp_path / "flowers"), "--out", str(tmp_path / "f"),
+         "--size", "16", "--workers", "1"])
+    meta, t, images = prepared(tmp_path / "f")
+    assert images.shape == (n, 16, 16, 3) and len(meta["labels"]) == 102 and meta["orig_size"] == [30, 40]
+    ids = t.path.str.extract(r"image_(\d+)")[0].astype(int).to_numpy()
+    assert (t[meta["labels"]].to_numpy().argmax(1) == flower[ids - 1] - 1).all()
+    assert list(t.split) == ["train"] * 6 + ["valid"] * 3 + ["test"] * 3
 
 
 def test_user_csv_multiclass_and_imagefolder(tmp_path):
