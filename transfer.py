@@ -232,7 +232,6 @@ def finetune(model, train, cfg, args, env, seed):
     if batch % (env.world_size * args.batch_split):
         raise models.UserError(f"--batch-size {batch} is not divisible by world size x "
                                f"--batch-split ({env.world_size} x {args.batch_split})")
-    micro = batch // env.world_size // args.batch_split
     weights = oversampling_weights(train.targets) if args.oversample else None
     steps = schedule[-1]
     plan = batch_indices(len(train), batch, steps, seed, weights)

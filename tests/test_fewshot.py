@@ -9,41 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fewshot  # noqa: E402
 import models  # noqa: E402
-from prepare_data import save_prepared  # noqa: E402
+from test_transfer import make_dataset  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
         "--bootstrap", "20"]
-
-
-def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=15, n_test=9, size=16, seed=0):
-    """A tiny prepared dataset whose classes differ by brightness of the left part. Multi-label:
-    the first rows of the train split have exactly one positive each (one per label, twice)."""
-    rng = np.random.default_rng(seed)
-    n, c = n_train + n_test, len(labels)
-    if task == "multiclass":
-        y = np.eye(c)[np.arange(n) % c]
-    else:
-        y = (rng.random((n, c)) < 0.5).astype(float)
-        y[rng.random(y.shape) < 0.1] = np.nan
-        y[: 2 * c] = np.eye(c)[np.arange(2 * c) % c]
-        y[n_train: n_train + c] = np.eye(c)
-    images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
-    for i in range(n):
-        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (c + 1)] += 150
-    table = pd.DataFrame({"path": [f"im{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
-                          "view": "PA", "split": ["train"] * n_train + ["test"] * n_test})
-    for j, name in enumerate(labels):
-        table[name] = y[:, j]
-    save_prepared(str(folder), images, table, list(labels), task, name=Path(folder).name,
-                  extra_meta={"orig_size": [size, size]})
-    return folder
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,7 +154,7 @@ def test_summarize_exact_means_and_stds(tmp_path, capsys):
 # End to end
 
 def test_fewshot_finetune_grid_and_resume_skip(tmp_path, capsys):
-    data = make_dataset(tmp_path / "tb")
+    data = make_dataset(tmp_path / "tb", n_train=15)
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--steps", "2",
             "--source", "nih", "--source-size", "50"] + TINY
@@ -240,7 +215,7 @@ def test_multilabel_modes(tmp_path):
     (["--shots", "1"], "--data is required"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
-    data = make_dataset(tmp_path / "d")
+    data = make_dataset(tmp_path / "d", n_train=15)
     pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
     hand_made_results(tmp_path / "ok.csv")
     subs = {"DATA": str(data), "CSV": str(tmp_path / "bad.csv"), "CSV_OK": str(tmp_path / "ok.csv")}

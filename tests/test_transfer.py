@@ -24,18 +24,20 @@ TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4
 
 
 def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=12, n_test=9, size=16, seed=0):
-    """A tiny prepared dataset whose classes differ by brightness of the left part."""
+    """A tiny prepared dataset whose classes differ by brightness of the left part. Multi-label:
+    the first rows of the train split have exactly one positive each (one per label, twice)."""
     rng = np.random.default_rng(seed)
-    n = n_train + n_test
+    n, c = n_train + n_test, len(labels)
     if task == "multiclass":
-        y = np.eye(len(labels))[np.arange(n) % len(labels)]
+        y = np.eye(c)[np.arange(n) % c]
     else:
-        y = (rng.random((n, len(labels))) < 0.4).astype(float)
-        y[np.arange(n), np.arange(n) % len(labels)] = 1.0  # every label has positives
+        y = (rng.random((n, c)) < 0.5).astype(float)
         y[rng.random(y.shape) < 0.1] = np.nan
+        y[: 2 * c] = np.eye(c)[np.arange(2 * c) % c]
+        y[n_train: n_train + c] = np.eye(c)
     images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
     for i in range(n):
-        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (len(labels) + 1)] += 150
+        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (c + 1)] += 150
     table = pd.DataFrame({"path": [f"im{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
                           "view": "PA", "split": ["train"] * n_train + ["test"] * n_test})
     for j, name in enumerate(labels):
