@@ -317,3 +317,24 @@ def test_bad_input_is_one_line_exit_2(data, tmp_path, capsys):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "unknown model" in proc.stderr
+
+
+def test_device_input_pipeline_and_random_affine():
+    images = torch.randint(0, 256, (4, 16, 16, 1), dtype=torch.uint8)
+    x = models.to_model_input(images)
+    assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x[:, 0], images[..., 0].float() / 127.5 - 1)
+    assert torch.equal(x[:, 0], x[:, 2])  # grayscale repeated to RGB
+    # the identity transform reproduces the input; a flip mirrors it; a 1/2 crop magnifies 2x
+    same = models.random_affine(x, 16, hflip=False)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    gen = torch.Generator().manual_seed(0)
+    flipped = models.random_affine(x, 16, rotate=0, hflip=True, generator=gen)
+    for a, b in zip(flipped, x):
+        assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
+    ramp = torch.arange(16.0).repeat(1, 3, 16, 1) / 7.5 - 1  # constant columns, left to right
+    crop = models.random_affine(ramp, 8, crop=0.5, hflip=False, generator=gen)
+    step = crop[0, 0, 0].diff()
+    torch.testing.assert_close(step, torch.full_like(step, 1 / 7.5))  # one source pixel per output pixel
+    rotated = models.random_affine(x, 16, rotate=45, hflip=False, generator=gen)
+    assert rotated.shape == x.shape and not torch.allclose(rotated, x)
