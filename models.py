@@ -697,15 +697,17 @@ def train_step(model, optimizer, micro_batches, multilabel, device, dtype="fp32"
 
 
 @torch.no_grad()
-def predict(model, batches, device, dtype="fp32"):
-    """Logits and targets for an iterable of (input, target) batches, as float32 numpy."""
+def predict(model, batches, device, dtype="fp32", features=False):
+    """Logits (or, with features=True, pre-logit features) and targets for an iterable of
+    (input, target) batches, as float32 numpy."""
     model.eval()
-    logits, targets = [], []
+    forward = unwrap(model).forward_features if features else model
+    outputs, targets = [], []
     for x, y in batches:
         with autocast(device, dtype):
-            logits.append(model(x).float().cpu())
+            outputs.append(forward(x).float().cpu())
         targets.append(y.float().cpu())
-    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
 
 
 def gather_in_order(array, world_size):

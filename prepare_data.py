@@ -134,11 +134,6 @@ class PreparedDataset(torch.utils.data.Dataset):
                 torch.from_numpy(self.targets[indices]))
 
 
-def collate_batch(batch):
-    """collate_fn for DataLoaders over PreparedDataset: `__getitems__` already made the batch."""
-    return batch
-
-
 # ----------------------------------------------------------------------------------------
 # Label sets and harmonization rules (those of the paper's code, SLAMPAI/large-scale-pretraining-transfer)
 

@@ -281,18 +281,12 @@ def predict_features(model, dataset, size, env, batch_size, dtype, features=Fals
             images, targets = dataset.__getitems__(mine[start:start + batch_size])
             yield models.to_model_input(images.to(env.device), out_size=size), targets
 
-    if features:
-        bare.eval()
-        outs, ys = [], []
-        with torch.no_grad():
-            for x, y in batches():
-                with models.autocast(env.device, dtype):
-                    outs.append(bare.forward_features(x).float().cpu())
-                ys.append(y)
-        out = torch.cat(outs).numpy() if outs else np.zeros((0, bare.num_features), np.float32)
-        targets = torch.cat(ys).numpy() if ys else np.zeros((0, dataset.targets.shape[1]), np.float32)
-    else:
-        out, targets = models.predict(bare, batches(), env.device, dtype)
+    if len(mine):
+        out, targets = models.predict(bare, batches(), env.device, dtype, features)
+    else:  # more ranks than rows
+        width = bare.num_features if features else bare.head.conv.out_channels
+        out = np.zeros((0, width), np.float32)
+        targets = np.zeros((0, dataset.targets.shape[1]), np.float32)
     return models.gather_in_order(out, env.world_size), models.gather_in_order(targets, env.world_size)
 
 
