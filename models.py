@@ -19,6 +19,7 @@ import os
 import random
 import re
 import signal
+import sys
 import zipfile
 from collections import OrderedDict
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------
 # Command lines: every script reports bad input as one line and exits with status 2
@@ -296,12 +298,28 @@ def to_timm_state_dict(state):
     return out
 
 
+def _paper_input_norm(path):
+    """The input normalisation of one of the paper's released `model.pth.tar` files, which do
+    not record it: their pretrain.py copies the config beside the weights (config.yaml), and
+    the ImageNet ones (folders imagenet1k_bit50x1, imagenet21k_bit152x4, ...) were trained on
+    ImageNet mean / std while the chest ones used [-1, 1]."""
+    folder = os.path.dirname(os.path.abspath(path))
+    config = os.path.join(folder, "config.yaml")
+    text = os.path.basename(folder)
+    if os.path.isfile(config):
+        with open(config, errors="replace") as f:
+            text += f.read()
+    return "imagenet" if "imagenet" in text.lower() else "bit"
+
+
 def read_weights(path):
-    """Any supported weights file -> a state dict with our names, on the CPU. The format is
-    detected from the content: an .npz of Google's BiT (a zip of .npy arrays), or a pickle
-    read with torch.load(weights_only=True): our checkpoints and the paper's model.pth.tar
-    (weights under "model"), a bare state dict, timm names, "module." (DDP) or "_orig_mod."
-    (torch.compile) prefixes."""
+    """Any supported weights file -> (state dict with our names on the CPU, input
+    normalisation name or None when the file does not tell). The format is detected from the
+    content: an .npz of Google's BiT (a zip of .npy arrays; [-1, 1] inputs), or a pickle read
+    with torch.load(weights_only=True): our checkpoints (which record "input_norm"), the paper's
+    model.pth.tar (weights under "model" beside "optimizer" and "epoch"; see _paper_input_norm),
+    timm's BiT state dicts ([-1, 1]), a bare state dict (unknown), with "module." (DDP) or
+    "_orig_mod." (torch.compile) prefixes."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if zipfile.is_zipfile(path):
@@ -309,7 +327,7 @@ def read_weights(path):
             is_npz = all(n.endswith(".npy") for n in z.namelist())
         if is_npz:
             with np.load(path, allow_pickle=False) as arrays:
-                return from_bit_npz(arrays)
+                return from_bit_npz(arrays), "bit"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
@@ -317,6 +335,12 @@ def read_weights(path):
             raise UserError(f"{path}: refused: the pickle holds objects other than tensors and plain "
                             "data, and unpickling them could run code; re-save the state dict only") from None
         raise UserError(f"{path}: not a weights file that can be read ({type(e).__name__})") from None
+    norm = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if obj.get("input_norm") in INPUT_NORMS:
+            norm = obj["input_norm"]
+        elif "step" not in obj and ("epoch" in obj or "optimizer" in obj):  # the paper's layout
+            norm = _paper_input_norm(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -328,7 +352,9 @@ def read_weights(path):
         while k.startswith(("module.", "_orig_mod.")):
             k = k.split(".", 1)[1]
         state[k] = v
-    return from_timm_state_dict(state) if "stem.conv.weight" in state else state
+    if "stem.conv.weight" in state:
+        return from_timm_state_dict(state), "bit"
+    return state, norm
 
 
 def _describe(model):
@@ -336,14 +362,16 @@ def _describe(model):
     return f"{depth}x{model.width_factor} with {model.head.conv.out_channels} classes"
 
 
-def load_weights(model, path, keep_head=False):
-    """Load a weights file (see read_weights for the formats) into `model` in place.
+def load_weights(model, path, keep_head=False, input_norm=None):
+    """Load a weights file (see read_weights for the formats) into `model` in place and return
+    the input normalisation (a key of INPUT_NORMS) the weights expect: `input_norm` when given
+    (for a foreign file that does not say), else what the file records or implies, else "bit".
     keep_head=False (transfer, as BiT does): the checkpoint's head is dropped and the model
     gets a zero-initialised head of its current number of classes. keep_head=True: the
     checkpoint's head is loaded and must have the model's number of classes. Weights of
     another architecture or width raise a one-line UserError naming the tensors that disagree."""
     model = unwrap(model)
-    state = read_weights(path)
+    state, file_norm = read_weights(path)
     own = model.state_dict()
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.conv.")}
@@ -356,18 +384,34 @@ def load_weights(model, path, keep_head=False):
         raise UserError(f"{path} does not fit {_describe(model)}: {len(bad)} tensors disagree, e.g. "
                         + "; ".join(bad[:3]))
     model.load_state_dict(state)
-    return model
+    if input_norm is not None and input_norm not in INPUT_NORMS:
+        raise UserError(f"unknown input normalisation {input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
+    return input_norm or file_norm or "bit"
 
 
 # ----------------------------------------------------------------------------------------
 # Device-side input pipeline: uint8 NHWC batches in, model-ready float NCHW out
 
-def to_model_input(images, out_size=None, channels_last=False):
-    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out) in [-1, 1]. Grayscale
-    is repeated to 3 channels so that natural-image weights apply unchanged."""
-    x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+# Input normalisation a set of weights was trained with: (mean, std) per RGB channel of the
+# image in [0, 1]. "bit": (x - 0.5) / 0.5 = [-1, 1], Google's BiT and the paper's chest
+# sources; "imagenet": the paper's own ImageNet-1k/21k checkpoints (torchvision's statistics).
+INPUT_NORMS = {"bit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def to_model_input(images, out_size=None, channels_last=False, norm="bit"):
+    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out), normalised with
+    INPUT_NORMS[norm]. Grayscale is repeated to 3 channels so that natural-image weights apply
+    unchanged (with "imagenet" each channel then gets its own mean / std, as the paper's
+    pipeline did)."""
+    if norm not in INPUT_NORMS:
+        raise UserError(f"unknown input normalisation {norm!r}; choose from {', '.join(INPUT_NORMS)}")
+    x = images.permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
+    # (x / 255 - mean) / std as x / (255 std) - mean / std: for "bit" that is x / 127.5 - 1.
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
+    x = x / (255 * std) - mean / std
     if out_size is not None and x.shape[-1] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True,
                           align_corners=False)
@@ -516,9 +560,52 @@ def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def print0(*args, **kwargs):
+def print0(*args, file=None, **kwargs):
+    """print on rank 0 only. Through tqdm.write: an open progress bar (stderr) is cleared,
+    the line printed whole, and the bar redrawn below it, in a terminal and in a log file."""
     if is_master():
-        print(*args, **kwargs, flush=True)
+        tqdm.write(" ".join(str(a) for a in args), file=file or sys.stdout, **kwargs)
+        (file or sys.stdout).flush()
+
+
+def default_dtype(device):
+    """--dtype when none is given: bf16 autocast where it is fast (CUDA), fp32 elsewhere (on
+    CPUs bf16 autocast measured several times slower than fp32)."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def default_workers(limit=8):
+    """DataLoader workers when none are given: at most `limit`, and fewer than the CPUs this
+    process may use (one is the main process's), so a small machine is not oversubscribed."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(limit, cpus - 1))
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (scancel, kill) handled alike: inside `with StopSignals() as
+    stop:` a signal only records itself in stop.signum, and the loop ends at its next safe
+    point (after a step or a run) with one line, keeping what is finished. The previous
+    handlers come back on exit. A second Ctrl-C while stopping raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+    def __bool__(self):
+        return bool(self.signum)
 
 
 def unwrap(model):
