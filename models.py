@@ -14,6 +14,7 @@ the uint8 batches that prepare_data.py produces.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
@@ -500,17 +501,21 @@ def column_metric(metric, scores, targets):
     return np.array(out)
 
 
+def scores_from_logits(logits, multilabel):
+    """Per-label probabilities: sigmoid for multi-label, softmax for single-label logits."""
+    logits = np.asarray(logits, np.float64)
+    if multilabel:
+        return 1 / (1 + np.exp(-logits))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def headline_metrics(logits, targets, multilabel):
     """The figures logged at evaluation: accuracy (single-label), mean ROC AUC and mean
     average precision over labels that have both classes."""
     logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)
-    if multilabel:
-        scores = 1 / (1 + np.exp(-logits))
-        out = {}
-    else:
-        scores = np.exp(logits - logits.max(1, keepdims=True))
-        scores /= scores.sum(1, keepdims=True)
-        out = {"accuracy": float((logits.argmax(1) == targets.argmax(1)).mean())}
+    scores = scores_from_logits(logits, multilabel)
+    out = {} if multilabel else {"accuracy": float((logits.argmax(1) == targets.argmax(1)).mean())}
     out["auc"] = float(np.nanmean(column_metric(roc_auc, scores, targets)))
     out["map"] = float(np.nanmean(column_metric(average_precision, scores, targets)))
     return out
@@ -606,6 +611,26 @@ class StopSignals:
 
     def __bool__(self):
         return bool(self.signum)
+
+
+def wrap_ddp(model, env):
+    """`model` (already on env.device) under DistributedDataParallel when there are several
+    ranks, else as it is."""
+    if env.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def save_args(folder, args, name="args.json"):
+    """The run's arguments as JSON beside its outputs (rank 0 only; temp file + rename)."""
+    if not is_master():
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
 
 
 def unwrap(model):
@@ -729,6 +754,16 @@ def batch_loader(dataset, batch_sampler, workers, device):
 
 # ----------------------------------------------------------------------------------------
 # Train and eval steps shared by pretrain.py and transfer.py
+
+def step_lr(step, peak_lr, warmup_steps, decay_steps, warmup_from=0.0, factor=0.1):
+    """The step schedule of pretrain.py and transfer.py (0-based optimizer steps): linear
+    warm-up from warmup_from x peak_lr at step 0 to peak_lr at step warmup_steps, then x factor
+    for every boundary in decay_steps that `step` has reached (step >= boundary: the decay
+    takes effect at the boundary)."""
+    if step < warmup_steps:
+        return peak_lr * (warmup_from + (1 - warmup_from) * step / warmup_steps)
+    return peak_lr * factor ** sum(step >= b for b in decay_steps)
+
 
 def autocast(device, dtype):
     """Mixed-precision context for --dtype bf16 | fp16 | fp32."""

@@ -93,19 +93,11 @@ def oversampling_weights(targets):
 # ----------------------------------------------------------------------------------------
 # Metrics of the final evaluation
 
-def scores_from_logits(logits, multilabel):
-    logits = np.asarray(logits, np.float64)
-    if multilabel:
-        return 1 / (1 + np.exp(-logits))
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def per_class_metrics(logits, targets, multilabel, names):
     """One row per label: support (positives), precision, recall, F1 (0 when undefined, as
     scikit-learn's zero_division=0), ROC AUC and average precision. Single-label predictions are
     the argmax, multi-label ones sigmoid > 0.5; unknown (NaN) targets are skipped."""
-    scores = scores_from_logits(logits, multilabel)
+    scores = models.scores_from_logits(logits, multilabel)
     targets = np.asarray(targets, np.float64)
     if multilabel:
         pred = scores > 0.5
@@ -137,7 +129,7 @@ def bootstrap_ci(logits, targets, multilabel, samples=1000, seed=0, level=0.95):
     targets = np.asarray(targets, np.float64)
     n = len(targets)
     if multilabel:
-        scores = scores_from_logits(logits, True)
+        scores = models.scores_from_logits(logits, True)
 
         def metric(idx):
             with np.errstate(all="ignore"):
