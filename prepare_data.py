@@ -111,14 +111,20 @@ class PreparedDataset(torch.utils.data.Dataset):
     (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__`
     reads a whole batch with one fancy index into the memory map."""
 
-    def __init__(self, folder, split=None):
+    def __init__(self, folder, split=None, views=None):
+        """split: "train" / "valid" / "test", or None for all rows. views: keep only rows whose
+        view is one of these (e.g. ["PA", "AP"]), or None for all; a folder is prepared once
+        with every view a recipe may need and each recipe picks its own at training time."""
         meta = read_meta(folder)
         self.folder, self.meta = folder, meta
         self.labels = meta["labels"]
         self.multilabel = meta["task"] == "multilabel"
         self.table = read_labels_csv(folder, self.labels)
         self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
-        rows = np.arange(len(self.table)) if split is None else np.flatnonzero(self.table["split"] == split)
+        keep = np.ones(len(self.table), bool) if split is None else (self.table["split"] == split).to_numpy()
+        if views is not None:
+            keep &= self.table["view"].isin(views).to_numpy()
+        rows = np.flatnonzero(keep)
         self.rows = rows
         self.targets = self.table[self.labels].to_numpy(np.float32)[rows]
 
