@@ -362,6 +362,16 @@ def parse_source_sizes(items):
     return sizes
 
 
+def add_summary_arguments(parser):
+    """Flags of --summarize (the summary section's own)."""
+    parser.add_argument("--summarize", metavar="RESULTS_DIR_OR_CSV", default=None,
+                        help="only summarise a results CSV (or OUT folder) into summary.csv, "
+                             "summary.md, fewshot.png, source_size.png")
+    parser.add_argument("--source-sizes", nargs="+", metavar="NAME=COUNT", default=None,
+                        help="with --summarize: pre-training set sizes per source for source_size.png")
+    return parser
+
+
 def run_summary(args):
     path = args.summarize
     csv = os.path.join(path, "results.csv") if os.path.isdir(path) else path
@@ -417,11 +427,7 @@ def get_args_parser():
     parser.add_argument("--probe-c", type=float, default=1.0,
                         help="inverse L2 strength of the linear probe (scikit-learn's C)")
     parser.add_argument("--probe-iters", type=int, default=500, help="L-BFGS iterations of the linear probe")
-    parser.add_argument("--summarize", metavar="RESULTS_DIR_OR_CSV", default=None,
-                        help="only summarise a results CSV (or OUT folder) into summary.csv, "
-                             "summary.md, fewshot.png, source_size.png")
-    parser.add_argument("--source-sizes", nargs="+", metavar="NAME=COUNT", default=None,
-                        help="with --summarize: pre-training set sizes per source for source_size.png")
+    add_summary_arguments(parser)
     return parser
 
 
