@@ -50,7 +50,9 @@ Images. Every format goes through the same two steps:
 import ast
 import concurrent.futures
 import glob
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -224,8 +226,9 @@ def check_codes(values, allowed, file, column, first_line=2):
     bad = ~blank & ~numbers.isin(allowed)
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{file} line {pos + first_line} column {column!r}: {values.iloc[pos]!r} is not one of "
-                        f"{', '.join(str(v) for v in sorted(allowed))} or blank")
+        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(str(v) for v in sorted(allowed))
+        raise UserError(f"{file} line {pos + first_line} column {column!r}: {str(values.iloc[pos])!r} is not one of "
+                        f"{allowed_text} or blank")
     return numbers
 
 
@@ -325,7 +328,11 @@ def require_file(path):
 def read_table(path, **kwargs):
     """pandas.read_csv with a malformed, non-UTF-8 or truncated (.gz) file as a one-line error."""
     try:
-        return pd.read_csv(require_file(path), **kwargs)
+        if require_file(path).endswith(".gz"):
+            # Decompressed whole first: pandas reads a truncated .gz silently up to the cut.
+            with gzip.open(path) as f:
+                return pd.read_csv(io.BytesIO(f.read()), **kwargs)
+        return pd.read_csv(path, **kwargs)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, EOFError, OSError,
             zlib.error) as e:
         if isinstance(e, FileNotFoundError):
