@@ -3,7 +3,17 @@
     python prepare_data.py --dataset nih --root /data/NIH-ChestXRay-14 --out data/nih
     python prepare_data.py --dataset chexpert --root /data/CheXpert-v1.0-small --out data/chexpert --workers 16
     python prepare_data.py --dataset merge --inputs data/chexpert data/mimic data/nih data/padchest --out data/all4
+    python prepare_data.py --dataset imagenet --root /data/ILSVRC2012 --out data/imagenet   # train/, val/<wnid>/
     python prepare_data.py --dataset demo --out raw_demo        # synthetic raw folders in the real layouts
+
+Each dataset's facts (reader, task, channels, split, views) are one row of DATASETS. Splits are
+the paper's by default (--split-by paper: PadChest random 90/10 and Tuberculosis 85/15 per folder
+over images with seed 42, Flowers-102 trained on its official test set, no validation carve-out
+from a target); --split-by patient is the stricter variant for new studies (no patient's images
+on both sides of a split). X-ray datasets keep the paper's five views (PA, AP, AP Supine, L,
+COSTAL; names harmonised in VIEW_NAMES); each recipe picks its views at training time.
+`--dataset merge` keeps the sorted intersection of the inputs' labels (the paper's rule) and
+prints what it kept and dropped; `--labels union` keeps all.
 
 Conversion is a one-process job (no torchrun); --workers sets the decoding processes. The
 prepared folder is then read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs.
@@ -13,7 +23,9 @@ A prepared dataset is a folder:
     labels.csv       row i describes images[i]: path, patient, view, split (train/valid/test), then one
                      column per label holding 1, 0 or empty (unknown; masked in the loss)
     meta.json        {"name", "size", "channels", "labels", "task": "multilabel" | "multiclass",
-                      "orig_size": [H, W] median original size (BiT-HyperRule), "counts": {...}}
+                      "orig_size": [H, W] median original size (BiT-HyperRule), "counts": {...},
+                      "pipeline": "bit" | "chest" (transfer.py's input pipeline; PadChest: chest),
+                      "split_by": "paper" | "patient"}
     rejects.csv      files that could not be prepared, with the reason
     label_stats.csv  positive / negative / masked counts per label and split
 meta.json is written last: a folder without it is not a dataset. Work in progress lives in
@@ -36,14 +48,19 @@ Images. Every format goes through the same two steps:
 96x96); CIFAR is kept at its native 32 px (HyperRule: 160/128, done on the device).
 """
 import ast
+import concurrent.futures
 import glob
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import time
+import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -141,9 +158,9 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------
-# Label sets and harmonization rules (those of the paper's code, SLAMPAI/large-scale-pretraining-transfer)
+# Harmonization: labels, renames, synonyms and views of every dataset, in one place (the rules
+# of the paper's code, SLAMPAI/large-scale-pretraining-transfer, transfer_learning/datasets/*.py)
 
-PRETRAIN_VIEWS = ["PA", "AP", "AP Supine", "L", "COSTAL"]
 CHEXPERT_LABELS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
                    "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
@@ -154,6 +171,9 @@ PADCHEST_LABELS = NIH_LABELS + ["Fracture", "Granuloma", "Flattened Diaphragm", 
                                 "Aortic Elongation", "Scoliosis", "Hilar Enlargement", "Support Devices",
                                 "Tuberculosis", "Air Trapping", "Costophrenic Angle Blunting",
                                 "Aortic Atheromatosis", "Hemidiaphragm Elevation"]
+# Cross-dataset label names: CheXpert's and MIMIC's "Pleural Effusion" is NIH's and PadChest's
+# "Effusion", so merged sources share it (the 7-label intersection of the paper).
+LABEL_RENAMES = {"Pleural Effusion": "Effusion"}
 # A PadChest label is positive when its lower-cased name or a synonym occurs inside one of the
 # image's label strings (so "laminar atelectasis" counts as Atelectasis, as in the paper).
 PADCHEST_SYNONYMS = {
@@ -165,28 +185,67 @@ PADCHEST_SYNONYMS = {
     "Hilar Enlargement": ["adenopathy", "pulmonary artery enlargement"],
     "Support Devices": ["device", "pacemaker"],
 }
-PAPER_MERGED_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion",
-                       "Pneumonia", "Pneumothorax"]
+# Each dataset's raw view value -> the harmonised name; values not listed are kept as they are.
+# CheXpert rows carry their AP/PA value when frontal, "Lateral" otherwise. MIMIC's ViewPosition
+# is kept as is, as in the paper's code: LATERAL / LL never match "L", so the paper's five-view
+# recipe took CheXpert and PadChest laterals but no MIMIC lateral. NIH has PA and AP only.
+VIEW_NAMES = {"chexpert": {"Lateral": "L"}, "padchest": {"AP_horizontal": "AP Supine"}}
+# Views kept when preparing an X-ray dataset: the paper's five-view recipe; each recipe picks
+# its own subset at training time (PreparedDataset(..., views=...), pretrain.py --views).
+PRETRAIN_VIEWS = ["PA", "AP", "AP Supine", "L", "COSTAL"]
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+# Images the authors removed from PadChest (missing or wrong in their download) before their
+# random split; removing the same ones first reproduces their split row for row.
+PADCHEST_PAPER_EXCLUDED = frozenset(f"{name}.png" for name in """
+216840111366964012819207061112010307142602253_04-014-084 216840111366964012989926673512011074122523403_00-163-058
+216840111366964012959786098432011033083840143_00-176-115 216840111366964012558082906712009327122220177_00-102-064
+216840111366964012339356563862009072111404053_00-043-192 216840111366964013076187734852011291090445391_00-196-188
+216840111366964012373310883942009117084022290_00-064-025 216840111366964012283393834152009033102258826_00-059-087
+216840111366964012373310883942009170084120009_00-097-074 216840111366964012819207061112010315104455352_04-024-184
+216840111366964013829543166512013353113303615_02-092-190 216840111366964012904401302362010337093236130_03-198-079
+216840111366964012904401302362010336141343749_03-198-010 216840111366964012989926673512011151082430686_00-157-045
+216840111366964012989926673512011083134050913_00-168-009 216840111366964012373310883942009077082646386_00-047-124
+216840111366964013686042548532013208193054515_02-026-007 216840111366964013962490064942014134093945580_01-178-104
+216840111366964012819207061112010281134410801_00-129-131 216840111366964013590140476722013043111952381_02-065-198
+216840111366964012283393834152009027091819347_00-007-136 216840111366964012373310883942009152114636712_00-102-045
+216840111366964012283393834152009033140208626_00-059-118 216840111366964013590140476722013058110301622_02-056-111
+216840111366964012487858717522009280135853083_00-075-001 216840111366964013590140476722013049100117076_02-063-097
+216840111366964013649110343042013092101343018_02-075-146 216840111366964012819207061112010306085429121_04-020-102
+269300710246070740096540277379121868595_e7zsan 216840111366964012373310883942009180082307973_00-097-011
+""".split())
+PAPER_SEED = 42          # the seed of the paper's random splits (PadChest, Tuberculosis)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+CHEXPERT_CODES = {-1.0, 0.0, 1.0}   # uncertain, negative, positive; blank = not mentioned
 
 
-def chexpert_labels(table, uncertain="ignore", blank="ignore"):
-    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), sorted, Pleural Effusion named
-    Effusion. uncertain (-1): ignore (mask) | ones | zeros; blank (not mentioned): ignore | zeros.
+def check_codes(values, allowed, file, column, first_line=2):
+    """One-line error naming file, line and column for the first value outside `allowed`
+    (blank cells pass). `values` is the raw column as read (strings or numbers)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    blank = pd.isna(values) | (values.astype(str).str.strip() == "")
+    bad = ~blank & ~numbers.isin(allowed)
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(str(v) for v in sorted(allowed))
+        raise UserError(f"{file} line {pos + first_line} column {column!r}: {str(values.iloc[pos])!r} is not one of "
+                        f"{allowed_text} or blank")
+    return numbers
+
+
+def chexpert_labels(table, file, uncertain="ignore", blank="ignore"):
+    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), sorted, renamed by LABEL_RENAMES.
+    uncertain (-1): ignore (mask) | ones | zeros; blank (not mentioned): ignore | zeros.
     A row with No Finding = 1 has every pathology 0 (the paper's rule, applied last)."""
-    missing = [c for c in CHEXPERT_LABELS + ["No Finding"] if c not in table.columns]
-    if missing:
-        raise UserError(f"label file lacks column {missing[0]!r}")
+    require_columns(table, CHEXPERT_LABELS + ["No Finding"], file)
     out = pd.DataFrame(index=table.index)
-    healthy = pd.to_numeric(table["No Finding"], errors="coerce") == 1
+    healthy = check_codes(table["No Finding"], CHEXPERT_CODES, file, "No Finding") == 1
     for name in sorted(CHEXPERT_LABELS):
-        v = pd.to_numeric(table[name], errors="coerce").astype(np.float64)
-        v = v.mask(v == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain])
+        raw = check_codes(table[name], CHEXPERT_CODES, file, name).astype(np.float64)
+        v = raw.mask(raw == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain])
         if blank == "zeros":
-            v = v.mask(pd.to_numeric(table[name], errors="coerce").isna(), 0.0)
+            v = v.mask(raw.isna(), 0.0)
         v[healthy] = 0.0
-        out["Effusion" if name == "Pleural Effusion" else name] = v
+        out[LABEL_RENAMES.get(name, name)] = v
     return out
 
 
@@ -200,17 +259,16 @@ def padchest_labels(label_lists):
 
 
 def parse_padchest_list(cell):
-    """"['pleural effusion', ' unchanged']" -> ['pleural effusion', 'unchanged'] (lower-cased,
-    stripped, empties removed); None when the cell holds no label."""
-    if not isinstance(cell, str) or not cell.strip():
-        return None
+    """"['pleural effusion', ' unchanged']" -> ['pleural effusion', 'unchanged'] (stripped,
+    empties removed; case kept, as the paper matched case-sensitively); [] when the list holds
+    no label; None when the cell is not a list literal."""
     try:
         items = ast.literal_eval(cell.strip())
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return None
-    items = [str(s).strip().lower() for s in (items if isinstance(items, (list, tuple)) else [items])]
-    items = [s for s in items if s]
-    return items or None
+    if not isinstance(items, (list, tuple)):
+        return None
+    return [s for s in (str(i).strip() for i in items) if s]
 
 
 def one_hot(names, classes):
@@ -234,6 +292,22 @@ def patient_split(patients, fractions, seed):
     return np.array([lookup[p] for p in patients], dtype=object)
 
 
+def image_split(n, test_fraction, seed=PAPER_SEED):
+    """The paper's random split over images (its padchest.py and tuberculosis.py): shuffle the
+    row indices with np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)
+    split = np.full(n, "test", dtype=object)
+    split[order[:int(n * (1 - test_fraction))]] = "train"
+    return split
+
+
+def validation_split(table):
+    """The split a pre-training run validates on: "valid", or "test" where a folder has no
+    valid rows (the paper validated NIH on its test list and PadChest on its held-out 10 %)."""
+    return "valid" if (table["split"] == "valid").any() else "test"
+
+
 def is_inside(path, root):
     root = os.path.realpath(root)
     return os.path.commonpath([os.path.realpath(path), root]) == root
@@ -251,10 +325,66 @@ def require_file(path):
     return path
 
 
+def read_table(path, **kwargs):
+    """pandas.read_csv with a malformed, non-UTF-8 or truncated (.gz) file as a one-line error."""
+    try:
+        if require_file(path).endswith(".gz"):
+            # Decompressed whole first: pandas reads a truncated .gz silently up to the cut.
+            with gzip.open(path) as f:
+                return pd.read_csv(io.BytesIO(f.read()), **kwargs)
+        return pd.read_csv(path, **kwargs)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, EOFError, OSError,
+            zlib.error) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise UserError(f"{path}: unreadable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def read_lines(path):
+    try:
+        with open(require_file(path), encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def list_files(root, keep):
+    """Every file under root whose name passes `keep`, sorted. Directory symlinks are followed
+    once: a folder reached twice (a loop, or two links to it) is walked once, and a file reached
+    by two paths is listed once."""
+    seen_dirs, seen_files, out = set(), set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if keep(name) and real not in seen_files and os.path.isfile(path):
+                seen_files.add(real)
+                out.append(path)
+    return sorted(out)
+
+
 # ----------------------------------------------------------------------------------------
-# Parsers: raw layout -> table with path (as written in the dataset), file (where to read it),
-# patient, view, split, optional bits, and label columns. Each returns (table, labels, task,
-# channels, base, dropped), `base` being the folder that file paths must stay inside.
+# Parsers: raw layout -> Raw, one row per image. finish() does the rest for every dataset.
+
+class Raw(NamedTuple):
+    """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
+    (raw value, harmonised by VIEW_NAMES), split ("train" / "valid" / "test" where the dataset
+    says, "" = to assign), optional group (rows split separately per group, e.g. per folder),
+    optional bits (PadChest BitsStored), optional drop (a reason: the row counts for the split,
+    then is dropped), and either the label columns (multilabel) or one `label` column of class
+    names (multiclass). labels: the label columns, or the classes in order (None: sorted)."""
+    table: pd.DataFrame
+    labels: list = None
+    base: str = ""
+    dropped: dict = {}
+    images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
+
 
 def parse_chexpert(args):
     """CheXpert v1.0 or v1.0-small: --root is the dataset folder (holding train.csv) or the folder
@@ -265,108 +395,107 @@ def parse_chexpert(args):
         if not found:
             raise FileNotFoundError(f"no train.csv in {root} or {root}/CheXpert-v1.0[-small]")
         root = os.path.join(root, found[0])
-    base = os.path.dirname(os.path.abspath(root))
     parts = []
-    for split, name in (("train", "train.csv"), ("valid", "valid.csv")):
-        t = pd.read_csv(require_file(os.path.join(root, name)), dtype={"Path": str, "AP/PA": str})
+    for split in ("train", "valid"):
+        name = os.path.join(root, f"{split}.csv")
+        t = read_table(name, dtype={"Path": str, "AP/PA": str})
         require_columns(t, ["Path", "Frontal/Lateral", "AP/PA"], name)
-        t["split"] = split
-        parts.append(t)
+        parts.append(pd.concat([t[["Path", "Frontal/Lateral", "AP/PA"]].reset_index(drop=True),
+                                chexpert_labels(t, name, args.uncertain, args.blank).reset_index(drop=True)], axis=1)
+                     .assign(split=split))
     t = pd.concat(parts, ignore_index=True)
-    view = t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", "L")
-    labels = chexpert_labels(t, args.uncertain, args.blank)
-    table = pd.DataFrame({"path": t["Path"], "file": [os.path.join(base, p) for p in t["Path"]],
+    table = pd.DataFrame({"path": t["Path"],
                           "patient": t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
-                          "view": view.fillna(""), "split": t["split"]})
-    table = pd.concat([table, labels], axis=1)
-    return table, list(labels.columns), "multilabel", 1, base, {}
+                          "view": t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]),
+                          "split": t["split"]})
+    labels = sorted(LABEL_RENAMES.get(l, l) for l in CHEXPERT_LABELS)
+    return Raw(pd.concat([table, t[labels]], axis=1), labels, os.path.dirname(os.path.abspath(root)))
 
 
 def parse_mimic(args, ext):
     """MIMIC-CXR-JPG 2.0.0 (ext "jpg") or MIMIC-CXR DICOM files (ext "dcm") with the JPG release's
     chexpert, metadata and split tables in --root."""
-    read = lambda name: pd.read_csv(require_file(os.path.join(args.root, name)))
-    labels_t = read("mimic-cxr-2.0.0-chexpert.csv.gz")
-    meta_t = read("mimic-cxr-2.0.0-metadata.csv.gz")
-    split_t = read("mimic-cxr-2.0.0-split.csv.gz")
-    require_columns(labels_t, ["subject_id", "study_id"], "mimic-cxr-2.0.0-chexpert.csv.gz")
-    require_columns(meta_t, ["dicom_id", "subject_id", "study_id", "ViewPosition"], "mimic-cxr-2.0.0-metadata.csv.gz")
-    require_columns(split_t, ["dicom_id", "split"], "mimic-cxr-2.0.0-split.csv.gz")
+    names = {k: f"mimic-cxr-2.0.0-{k}.csv.gz" for k in ("chexpert", "metadata", "split")}
+    labels_t, meta_t, split_t = (read_table(os.path.join(args.root, n)) for n in names.values())
+    require_columns(labels_t, ["subject_id", "study_id"], names["chexpert"])
+    require_columns(meta_t, ["dicom_id", "subject_id", "study_id", "ViewPosition"], names["metadata"])
+    require_columns(split_t, ["dicom_id", "split"], names["split"])
+    check_split_names(split_t["split"], {"train", "validate", "test"}, names["split"])
+    labels = chexpert_labels(labels_t, names["chexpert"], args.uncertain, args.blank)
+    labels_t = pd.concat([labels_t[["subject_id", "study_id"]], labels], axis=1)
     # One row per image of a labelled study (the paper joins labels onto the metadata).
     t = meta_t.merge(labels_t, on=["subject_id", "study_id"], how="inner")
     t = t.merge(split_t[["dicom_id", "split"]], on="dicom_id", how="left")
     sid, study = t["subject_id"].astype(str), t["study_id"].astype(str)
     paths = "files/p" + sid.str[:2] + "/p" + sid + "/s" + study + "/" + t["dicom_id"].astype(str) + "." + ext
-    labels = chexpert_labels(t, args.uncertain, args.blank)
-    table = pd.DataFrame({"path": paths, "file": [os.path.join(args.root, p) for p in paths],
-                          "patient": sid, "view": t["ViewPosition"].fillna(""),
-                          "split": t["split"].replace({"validate": "valid"}).fillna("")})
-    dropped = {"no official split": int((table["split"] == "").sum())}
-    keep = table["split"] != ""
-    table = pd.concat([table, labels], axis=1)[keep].reset_index(drop=True)
-    return table, list(labels.columns), "multilabel", 1, args.root, dropped
+    split = t["split"].replace({"validate": "valid"}).fillna("")
+    keep = (split != "").to_numpy()
+    table = pd.DataFrame({"path": paths, "patient": sid, "view": t["ViewPosition"].fillna(""), "split": split})
+    table = pd.concat([table, t[list(labels.columns)]], axis=1)[keep].reset_index(drop=True)
+    return Raw(table, list(labels.columns), args.root, {"no official split": int((~keep).sum())})
 
 
-def nih_image_index(root):
-    """Image name -> file: images/ (flat), or images_001/images/ ... as in the Box/Kaggle download."""
-    folders = [os.path.join(root, "images")] if os.path.isdir(os.path.join(root, "images")) else \
-        sorted(glob.glob(os.path.join(root, "images_*", "images")))
-    return folders
+def check_split_names(values, allowed, file):
+    bad = ~values.isin(allowed)
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{file} line {pos + 2}: split {values.iloc[pos]!r} is not one of {', '.join(sorted(allowed))}")
 
 
 def parse_nih(args):
-    """NIH ChestX-ray14: Data_Entry_2017_v2020.csv, official train_val_list.txt / test_list.txt;
-    valid = a seeded patient-level split of train_val."""
+    """NIH ChestX-ray14: Data_Entry_2017_v2020.csv and the official train_val_list.txt /
+    test_list.txt (split by patient). Images in images/ (flat) or images_001/images/ ..."""
     csv = os.path.join(args.root, "Data_Entry_2017_v2020.csv")
     if not os.path.exists(csv):
-        csv = require_file(os.path.join(args.root, "Data_Entry_2017.csv"))
+        csv = os.path.join(args.root, "Data_Entry_2017.csv")
     # The header names 9 columns but rows have 11 (two bracketed pairs); pandas splits the
     # header the same way, so names line up and only the first 7 columns are used.
-    t = pd.read_csv(csv, dtype={"Image Index": str, "Patient ID": str, "Finding Labels": str})
-    require_columns(t, ["Image Index", "Finding Labels", "Patient ID", "View Position"], os.path.basename(csv))
-    read_list = lambda name: set(open(require_file(os.path.join(args.root, name))).read().split())
-    train_val, test = read_list("train_val_list.txt"), read_list("test_list.txt")
-    official = np.array(["test" if n in test else "train" if n in train_val else "" for n in t["Image Index"]],
-                        dtype=object)
-    dropped = {"not in the official split lists": int((official == "").sum())}
-    t, official = t[official != ""].reset_index(drop=True), official[official != ""]
-    patients = t["Patient ID"].str.lstrip("0").replace("", "0")
-    split = official.copy()
-    tv = official == "train"
-    split[tv] = patient_split(patients[tv].to_numpy(), {"valid": args.valid_fraction}, args.seed)
+    t = read_table(csv, dtype={"Image Index": str, "Patient ID": str, "Finding Labels": str})
+    require_columns(t, ["Image Index", "Finding Labels", "Patient ID", "View Position"], csv)
     tokens = [set(s.split("|")) for s in t["Finding Labels"].fillna("")]
-    labels = pd.DataFrame({name: [float(name in tok) for tok in tokens] for name in sorted(NIH_LABELS)})
-    folders = nih_image_index(args.root) or [os.path.join(args.root, "images")]
-    if len(folders) == 1:
-        files = [os.path.join(folders[0], n) for n in t["Image Index"]]
-    else:
-        where = {n: f for f in folders for n in os.listdir(f)}
-        files = [os.path.join(where.get(n, folders[0]), n) for n in t["Image Index"]]
-    table = pd.DataFrame({"path": "images/" + t["Image Index"], "file": files, "patient": patients,
+    for line, tok in enumerate(tokens, 2):
+        if not tok <= set(NIH_LABELS) | {"No Finding"}:
+            raise UserError(f"{csv} line {line} column 'Finding Labels': unknown finding "
+                            f"{sorted(tok - set(NIH_LABELS) - {'No Finding'})[0]!r}")
+    train_val, test = (set(read_lines(os.path.join(args.root, n))) for n in ("train_val_list.txt", "test_list.txt"))
+    split = pd.Series(["test" if n in test else "train" if n in train_val else "" for n in t["Image Index"]])
+    keep = (split != "").to_numpy()
+    folders = ["images"] if os.path.isdir(os.path.join(args.root, "images")) else \
+        [os.path.relpath(f, args.root) for f in sorted(glob.glob(os.path.join(args.root, "images_*", "images")))]
+    where = {n: f for f in folders for n in os.listdir(os.path.join(args.root, f))} if len(folders) > 1 else {}
+    paths = [f"{where.get(n, (folders or ['images'])[0])}/{n}" for n in t["Image Index"]]
+    table = pd.DataFrame({"path": paths, "patient": t["Patient ID"].str.lstrip("0").replace("", "0"),
                           "view": t["View Position"].fillna(""), "split": split})
-    return pd.concat([table, labels], axis=1), list(labels.columns), "multilabel", 1, args.root, dropped
+    labels = sorted(NIH_LABELS)
+    table = pd.concat([table, pd.DataFrame({n: [float(n in s) for s in tokens] for n in labels})], axis=1)
+    return Raw(table[keep].reset_index(drop=True), labels, args.root,
+               {"not in the official split lists": int((~keep).sum())})
 
 
 def parse_padchest(args):
-    """PadChest: the labels CSV and 16-bit PNGs in folders ImageDir (0..54). No official split:
-    seeded patient-level train/valid/test."""
-    t = pd.read_csv(require_file(os.path.join(args.root, PADCHEST_CSV)), low_memory=False,
-                    dtype={"ImageID": str, "PatientID": str, "ImageDir": str, "Projection": str})
-    require_columns(t, ["ImageID", "ImageDir", "PatientID", "Projection", "Labels", "BitsStored_DICOM"], PADCHEST_CSV)
+    """PadChest: the labels CSV and 16-bit PNGs in folders ImageDir (0..54). No official split.
+    Rows as the paper's: Labels present and not in PADCHEST_PAPER_EXCLUDED; an empty or
+    unreadable label list counts for the split, then is dropped."""
+    csv = os.path.join(args.root, PADCHEST_CSV)
+    t = read_table(csv, low_memory=False, dtype={"ImageID": str, "PatientID": str, "ImageDir": str,
+                                                 "Projection": str, "Labels": str})
+    require_columns(t, ["ImageID", "ImageDir", "PatientID", "Projection", "Labels", "BitsStored_DICOM"], csv)
+    bits = check_codes(t["BitsStored_DICOM"], set(range(1, 17)), csv, "BitsStored_DICOM")
+    lines = np.arange(len(t)) + 2
+    keep = t["Labels"].notna().to_numpy() & ~t["ImageID"].isin(PADCHEST_PAPER_EXCLUDED).to_numpy()
+    dropped = {"no Labels": int(t["Labels"].isna().sum()),
+               "excluded by the paper": int((t["Labels"].notna() & t["ImageID"].isin(PADCHEST_PAPER_EXCLUDED)).sum())}
+    t, bits, lines = t[keep].reset_index(drop=True), bits[keep].reset_index(drop=True), lines[keep]
     lists = [parse_padchest_list(c) for c in t["Labels"]]
-    has = np.array([l is not None for l in lists])
-    dropped = {"no labels": int((~has).sum())}
-    t = t[has].reset_index(drop=True)
-    lists = [l for l in lists if l is not None]
-    labels = padchest_labels(lists)
-    bits = pd.to_numeric(t["BitsStored_DICOM"], errors="coerce").fillna(16).astype(int)
+    drop = ["Labels not a list literal" if l is None else "empty label list" if not l else "" for l in lists]
+    bad = [int(i) for i, l in zip(lines, lists) if l is None][:1]
+    if bad:
+        print(f"padchest: {csv} line {bad[0]} column 'Labels' is not a list literal (row dropped)", flush=True)
     paths = t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"]
-    test_fraction = 0.1 if args.test_fraction is None else args.test_fraction  # paper: 90/10
-    split = patient_split(t["PatientID"].to_numpy(), {"test": test_fraction, "valid": args.valid_fraction}, args.seed)
-    table = pd.DataFrame({"path": paths, "file": [os.path.join(args.root, p) for p in paths],
-                          "patient": t["PatientID"], "view": t["Projection"].replace({"AP_horizontal": "AP Supine"}).fillna(""),
-                          "split": split, "bits": bits})
-    return pd.concat([table, labels], axis=1), list(labels.columns), "multilabel", 1, args.root, dropped
+    table = pd.DataFrame({"path": paths, "patient": t["PatientID"], "view": t["Projection"].fillna(""),
+                          "split": "", "bits": bits.fillna(16).astype(int), "drop": drop})
+    labels = padchest_labels([l or [] for l in lists])
+    return Raw(pd.concat([table, labels], axis=1), list(labels.columns), args.root, dropped)
 
 
 COVIDX_CLASSES = {"positive", "negative", "normal", "pneumonia", "covid-19"}
@@ -378,47 +507,34 @@ def parse_covidx_line(line):
     ("COVID 1 COVID(1).png positive sirm"), so fields are taken from the right."""
     tokens = line.split()
     k = len(tokens) - 1 if tokens[-1].lower() in COVIDX_CLASSES else len(tokens) - 2
-    if k < 2:
+    if k < 2 or tokens[k].lower() not in COVIDX_CLASSES:
         raise UserError(f"cannot parse COVIDx line {line.strip()!r}")
     return " ".join(tokens[:k - 1]), tokens[k - 1], tokens[k]
 
 
 def parse_covidx(args):
-    """COVIDx CXR-2: train.txt / test.txt with images in train/ and test/; valid = a seeded
-    patient-level split of train."""
+    """COVIDx CXR-2: train.txt / test.txt (official split) with images in train/ and test/."""
     rows = []
     for split in ("train", "test"):
-        with open(require_file(os.path.join(args.root, f"{split}.txt"))) as f:
-            for line in f:
-                if line.strip():
-                    patient, name, label = parse_covidx_line(line)
-                    rows.append((f"{split}/{name}", patient, label, split))
-    t = pd.DataFrame(rows, columns=["path", "patient", "label", "split"])
-    train = (t["split"] == "train").to_numpy()
-    split = t["split"].to_numpy().copy()
-    split[train] = patient_split(t["patient"][train].to_numpy(), {"valid": args.valid_fraction}, args.seed)
-    classes = sorted(t["label"].unique())
-    table = pd.DataFrame({"path": t["path"], "file": [os.path.join(args.root, p) for p in t["path"]],
-                          "patient": t["patient"], "view": "", "split": split})
-    return pd.concat([table, one_hot(t["label"], classes)], axis=1), classes, "multiclass", 1, args.root, {}
+        for line in read_lines(os.path.join(args.root, f"{split}.txt")):
+            if line.strip():
+                patient, name, label = parse_covidx_line(line)
+                rows.append((f"{split}/{name}", patient, "", split, label))
+    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), base=args.root)
 
 
 def parse_tuberculosis(args):
-    """Shenzhen (CHNCXR_0001_0.png) and Montgomery (MCUCXR_0001_1.png) anywhere under --root;
-    the last digit is the label. Seeded patient-level train/valid/test (paper: 85/15)."""
-    files = sorted(f for f in glob.glob(os.path.join(args.root, "**", "*.png"), recursive=True)
-                   if os.path.basename(f)[:7] in ("CHNCXR_", "MCUCXR_") and f[-6:-5] == "_" and f[-5] in "01")
+    """Shenzhen (CHNCXR_0001_0.png) and Montgomery (MCUCXR_0001_1.png) anywhere under --root; the
+    last digit is the label. Split per folder, as the paper's (Shenzhen and Montgomery apart)."""
+    files = list_files(args.root, lambda n: n[:7] in ("CHNCXR_", "MCUCXR_") and n[-6:] in ("_0.png", "_1.png"))
     if not files:
         raise UserError(f"no CHNCXR_*_[01].png or MCUCXR_*_[01].png under {args.root}")
     names = [os.path.basename(f) for f in files]
-    patients = [n[:-6] for n in names]
-    test_fraction = 0.15 if args.test_fraction is None else args.test_fraction
-    split = patient_split(patients, {"test": test_fraction, "valid": args.valid_fraction}, args.seed)
+    paths = [os.path.relpath(f, args.root) for f in files]
     classes = ["normal", "tuberculosis"]
-    table = pd.DataFrame({"path": [os.path.relpath(f, args.root) for f in files], "file": files,
-                          "patient": patients, "view": "PA", "split": split})
-    labels = one_hot([classes[int(n[-5])] for n in names], classes)
-    return pd.concat([table, labels], axis=1), classes, "multiclass", 1, args.root, {}
+    table = pd.DataFrame({"path": paths, "patient": [n[:-6] for n in names], "view": "PA", "split": "",
+                          "group": [os.path.dirname(p) for p in paths], "label": [classes[int(n[-5])] for n in names]})
+    return Raw(table, classes, args.root)
 
 
 def parse_imagefolder(args):
@@ -431,113 +547,247 @@ def parse_imagefolder(args):
     for top in (tops if has_splits else [""]):
         folder = os.path.join(args.root, top)
         for cls in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
-            for name in sorted(os.listdir(os.path.join(folder, cls))):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    rows.append((os.path.join(top, cls, name), cls, split_dirs.get(top, "")))
+            for f in list_files(os.path.join(folder, cls), lambda n: n.lower().endswith(IMAGE_EXTENSIONS)):
+                path = os.path.relpath(f, args.root)
+                rows.append((path, path, "", split_dirs.get(top, ""), cls))
     if not rows:
         raise UserError(f"no images in class folders under {args.root}")
-    t = pd.DataFrame(rows, columns=["path", "label", "split"])
-    if not has_splits:
-        t["split"] = patient_split(t["path"].to_numpy(), {"test": 0.15 if args.test_fraction is None
-                                                          else args.test_fraction, "valid": args.valid_fraction}, args.seed)
-    classes = sorted(t["label"].unique())
-    table = pd.DataFrame({"path": t["path"], "file": [os.path.join(args.root, p) for p in t["path"]],
-                          "patient": t["path"], "view": "", "split": t["split"]})
-    return pd.concat([table, one_hot(t["label"], classes)], axis=1), classes, "multiclass", args.channels or 3, args.root, {}
+    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), base=args.root)
+
+
+def parse_imagenet(args):
+    """ImageNet-1k (ILSVRC2012) in its standard folders: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
+    (val sorted into class folders, as PyTorch's ImageNet example expects), listed with
+    torchvision's ImageFolder. torchvision.datasets.ImageNet would also need the devkit and the
+    original tarballs, so ImageFolder over the extracted folders is the practical reader. Classes
+    are the sorted wnids (the index order of torchvision and of the released checkpoints);
+    val is the validation split."""
+    from torchvision.datasets import ImageFolder
+    rows, classes = [], None
+    for sub, split in (("train", "train"), ("val", "valid")):
+        if not os.path.isdir(os.path.join(args.root, sub)):
+            raise FileNotFoundError(f"{os.path.join(args.root, sub)} not found (expected ILSVRC2012 train/ and val/<wnid>/)")
+        ds = ImageFolder(os.path.join(args.root, sub))
+        if classes is not None and ds.classes != classes:
+            raise UserError(f"{args.root}/val has other class folders than {args.root}/train")
+        classes = ds.classes
+        rows += [(os.path.relpath(f, args.root), os.path.relpath(f, args.root), "", split, classes[y]) for f, y in ds.samples]
+    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root)
 
 
 def parse_csv(args):
     """The user's own data: --labels-csv with a `path` column (relative to --root) and label
-    columns, optional patient/view/split. One label column with class names -> multiclass;
-    otherwise multilabel with 1 / 0 / empty (unknown) / -1 (uncertain, see --uncertain)."""
+    columns, optional patient/view/split. Label columns holding 1 / 0 / empty (unknown) / -1
+    (uncertain, see --uncertain) -> multilabel; one column of class names -> multiclass."""
     if not args.labels_csv:
         raise UserError("--dataset csv needs --labels-csv")
-    t = pd.read_csv(require_file(args.labels_csv), dtype=str, keep_default_na=False)
+    t = read_table(args.labels_csv, dtype=str, keep_default_na=False)
     require_columns(t, ["path"], args.labels_csv)
     label_cols = [c for c in t.columns if c not in META_COLUMNS]
     if not label_cols:
         raise UserError(f"{args.labels_csv} has no label column (columns other than {', '.join(META_COLUMNS)})")
-    binary = all(set(t[c].str.strip()) <= {"", "0", "1", "-1", "0.0", "1.0", "-1.0"} for c in label_cols)
-    if binary:
-        labels = pd.DataFrame({c: pd.to_numeric(t[c].str.strip(), errors="coerce") for c in label_cols})
-        labels = labels.mask(labels == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[args.uncertain])
-        names, task = label_cols, "multilabel"
-    elif len(label_cols) == 1:
-        names, task = sorted(t[label_cols[0]].unique()), "multiclass"
-        labels = one_hot(t[label_cols[0]], names)
+    codes = {"", "0", "1", "-1", "0.0", "1.0", "-1.0"}
+    cells = {c: t[c].str.strip() for c in label_cols}
+    coded = {c: cells[c].isin(codes) for c in label_cols}
+    # A column is 0/1-coded when nearly all its cells are; a stray value there is an error, not
+    # a reason to read the file as class names.
+    binary = [c for c in label_cols if coded[c].mean() >= 0.9]
+    if len(label_cols) == 1 and not binary:
+        names = sorted(cells[label_cols[0]].unique())
+        if "" in names:
+            pos = int(np.flatnonzero((cells[label_cols[0]] == "").to_numpy())[0])
+            raise UserError(f"{args.labels_csv} line {pos + 2} column {label_cols[0]!r}: empty class name")
+        t["label"], labels = cells[label_cols[0]], None
     else:
-        raise UserError(f"{args.labels_csv}: label columns must hold 1/0/empty, or be one column of class names")
-    patient = t["patient"] if "patient" in t else t["path"]
+        for c in label_cols:
+            if not coded[c].all():
+                pos = int(np.flatnonzero((~coded[c]).to_numpy())[0])
+                raise UserError(f"{args.labels_csv} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not "
+                                "1, 0, -1 or empty (label columns hold 1/0/empty, or are one column of class names)")
+        v = pd.DataFrame({c: pd.to_numeric(cells[c], errors="coerce") for c in label_cols})
+        t[label_cols] = v.mask(v == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[args.uncertain])
+        labels = label_cols
     split = t["split"].replace({"val": "valid", "validate": "valid"}) if "split" in t else pd.Series([""] * len(t))
-    bad = set(split) - set(SPLITS) - {""}
-    if bad:
-        raise UserError(f"{args.labels_csv}: unknown split {sorted(bad)[0]!r} (use train, valid, test)")
-    split = split.to_numpy().copy()
-    todo = split == ""
-    if todo.any():
-        split[todo] = patient_split(patient[todo].to_numpy(), {"test": 0.15 if args.test_fraction is None else
-                                                               args.test_fraction, "valid": args.valid_fraction}, args.seed)
-    table = pd.DataFrame({"path": t["path"], "file": [os.path.join(args.root, p) for p in t["path"]],
-                          "patient": patient, "view": t["view"] if "view" in t else "", "split": split})
-    return pd.concat([table, labels], axis=1), names, task, args.channels or 1, args.root, {}
+    check_split_names(split, set(SPLITS) | {""}, args.labels_csv)
+    table = pd.DataFrame({"path": t["path"], "patient": t["patient"] if "patient" in t else t["path"],
+                          "view": t["view"] if "view" in t else "", "split": split})
+    return Raw(pd.concat([table, t[["label"] if labels is None else labels]], axis=1), labels, args.root)
 
 
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flowers102", "pets": "OxfordIIITPet"}
 
 
-def torchvision_dataset(args, split):
+def download(args):
+    """torchvision fetches the files into --root; the readers below then read them as downloaded."""
     import torchvision.datasets as tvd
+    made = not os.path.exists(args.root)
     cls = getattr(tvd, TORCHVISION[args.dataset])
     try:
-        if args.dataset.startswith("cifar"):
-            return cls(args.root, train=split == "train", download=args.download)
-        return cls(args.root, split=split, download=args.download)
-    except RuntimeError as e:
-        raise UserError(f"{args.dataset} not found under {args.root} ({e}); pass --download to fetch it")
+        for split in ((True, False) if args.dataset.startswith("cifar") else ("test",)):
+            (cls(args.root, train=split, download=True) if args.dataset.startswith("cifar")
+             else cls(args.root, split=split, download=True))
+    except (OSError, RuntimeError) as e:    # URLError is an OSError: offline, DNS, refused
+        if made:
+            shutil.rmtree(args.root, ignore_errors=True)
+        reason = getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise UserError(f"--download {args.dataset} failed ({reason}); nothing was kept in {args.root}")
 
 
-def parse_natural(args):
-    """Flowers-102 (official train/val/test) and Oxford-IIIT Pets (trainval/test, valid = seeded
-    split of trainval) from torchvision's download folders."""
-    splits = {"flowers102": [("train", "train"), ("val", "valid"), ("test", "test")],
-              "pets": [("trainval", "train"), ("test", "test")]}[args.dataset]
-    rows, classes = [], None
-    for tv_split, split in splits:
-        ds = torchvision_dataset(args, tv_split)
-        files = ds._image_files if args.dataset == "flowers102" else ds._images
-        classes = getattr(ds, "classes", None) or [str(i + 1) for i in range(102)]
-        rows += [(str(f), classes[y], split) for f, y in zip(files, ds._labels)]
-    t = pd.DataFrame(rows, columns=["file", "label", "split"])
-    if args.dataset == "pets":
-        train = (t["split"] == "train").to_numpy()
-        split = t["split"].to_numpy().copy()
-        split[train] = patient_split(t["file"][train].to_numpy(), {"valid": args.valid_fraction}, args.seed)
-        t["split"] = split
-    paths = [os.path.relpath(f, args.root) for f in t["file"]]
-    table = pd.DataFrame({"path": paths, "file": t["file"], "patient": paths, "view": "", "split": t["split"]})
-    return pd.concat([table, one_hot(t["label"], classes)], axis=1), classes, "multiclass", 3, args.root, {}
+def dataset_folder(args, name, what):
+    folder = os.path.join(args.root, name)
+    if not os.path.isdir(folder):
+        raise UserError(f"{args.dataset}: no {name}/ under {args.root} ({what}); pass --download to fetch it")
+    return folder
 
 
-def prepare_cifar(args):
-    """CIFAR-10/100 live in pickled arrays: converted in memory (no files, no resume needed)."""
-    parts = [torchvision_dataset(args, s) for s in ("train", "test")]
-    images = np.concatenate([p.data for p in parts])
-    size = args.size or 32
-    if size != 32:
-        images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-    targets = np.concatenate([p.targets for p in parts])
-    split = np.array(["train"] * len(parts[0].data) + ["test"] * len(parts[1].data), dtype=object)
-    n_train = len(parts[0].data)
-    split[:n_train] = patient_split(np.arange(n_train).astype(str), {"valid": args.valid_fraction}, args.seed)
-    classes = parts[0].classes
-    paths = [f"{s}/{i}" for s, i in zip(["train"] * n_train + ["test"] * len(parts[1].data),
-                                        list(range(n_train)) + list(range(len(parts[1].data))))]
-    table = pd.concat([pd.DataFrame({"path": paths, "patient": paths, "view": "", "split": split}),
-                       one_hot([classes[y] for y in targets], classes)], axis=1)
-    report(table, classes, args.out)
-    save_prepared(args.out, images, table, classes, "multiclass", args.dataset,
-                  {"orig_size": [32, 32], "counts": counts(table)})
-    return table
+def parse_cifar(args):
+    """CIFAR-10/100 as torchvision downloads them (python pickles of uint8 rows): the images are
+    read here in memory, no file per image."""
+    import pickle
+    name, files, key, meta = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                                          "labels", ("batches.meta", "label_names")),
+                              "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels",
+                                           ("meta", "fine_label_names"))}[args.dataset]
+    folder = dataset_folder(args, name, "the python version of CIFAR")
+    load = lambda f: pickle.load(open(require_file(os.path.join(folder, f)), "rb"), encoding="latin1")
+    classes = load(meta[0])[meta[1]]
+    images, rows = [], []
+    for f in files:
+        batch = load(f)
+        split = "test" if f.startswith("test") else "train"
+        images.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        start = sum(r[3] == split for r in rows)
+        rows += [(f"{split}/{start + i}", f"{split}/{start + i}", "", split, classes[y]) for i, y in enumerate(batch[key])]
+    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root,
+               images=np.concatenate(images))
+
+
+def parse_flowers102(args):
+    """Flowers-102 as torchvision downloads it: flowers-102/jpg/image_00001.jpg, imagelabels.mat
+    (1-based class per image) and setid.mat (trnid / valid / tstid)."""
+    import scipy.io
+    folder = dataset_folder(args, "flowers-102", "jpg/, imagelabels.mat, setid.mat")
+    labels = scipy.io.loadmat(require_file(os.path.join(folder, "imagelabels.mat")))["labels"].ravel()
+    ids = scipy.io.loadmat(require_file(os.path.join(folder, "setid.mat")))
+    classes = [str(i + 1) for i in range(102)]
+    rows = [(f"flowers-102/jpg/image_{i:05d}.jpg", f"image_{i:05d}", "", split, classes[labels[i - 1] - 1])
+            for key, split in (("trnid", "train"), ("valid", "valid"), ("tstid", "test")) for i in ids[key].ravel()]
+    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root)
+
+
+def parse_pets(args):
+    """Oxford-IIIT Pets as torchvision downloads it: oxford-iiit-pet/images/*.jpg and
+    annotations/{trainval,test}.txt (`name class_id species breed_id`); class names as torchvision's."""
+    folder = dataset_folder(args, "oxford-iiit-pet", "images/ and annotations/")
+    rows, names = [], {}
+    for split, file in (("train", "trainval.txt"), ("test", "test.txt")):
+        for line in read_lines(os.path.join(folder, "annotations", file)):
+            if line.strip() and not line.startswith("#"):
+                image, class_id = line.split()[:2]
+                names[int(class_id)] = " ".join(w.title() for w in image.rsplit("_", 1)[0].split("_"))
+                rows.append((f"oxford-iiit-pet/images/{image}.jpg", image, "", split, int(class_id)))
+    t = pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"])
+    classes = [names[k] for k in sorted(names)]
+    t["label"] = [names[k] for k in t["label"]]
+    return Raw(t, classes, args.root)
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets as data: one row per dataset; finish() turns any parser's Raw into the final table
+
+class Spec(NamedTuple):
+    reader: object            # args -> Raw
+    task: str                 # multilabel | multiclass
+    channels: int             # stored channels (--channels overrides)
+    size: int                 # default --size
+    test_fraction: float      # held out as test where the dataset has no official test split
+    valid_fraction: tuple     # default validation carve-out from train: (--split-by paper, patient)
+    views: bool               # has X-ray views (--views applies)
+    paper_split: str          # how the paper split it (shown in --help and the README)
+    paper_renames: dict = {}  # --split-by paper: official split -> the paper's use of it
+    image_split: bool = False  # --split-by paper splits over images (RandomState(42)), not patients
+    pipeline: str = "bit"     # transfer.py's input pipeline for it as a target: bit | chest
+
+
+DATASETS = {
+    "chexpert": Spec(parse_chexpert, "multilabel", 1, 512, 0, (0, 0), True, "official train / valid"),
+    "mimic": Spec(lambda a: parse_mimic(a, "jpg"), "multilabel", 1, 512, 0, (0, 0), True,
+                  "official train / validate / test"),
+    "mimic-dicom": Spec(lambda a: parse_mimic(a, "dcm"), "multilabel", 1, 512, 0, (0, 0), True,
+                        "official train / validate / test (MIMIC-CXR DICOM files)"),
+    "nih": Spec(parse_nih, "multilabel", 1, 512, 0, (0, 0.1), True,
+                "official train_val / test lists; the paper validated on the test list"),
+    "padchest": Spec(parse_padchest, "multilabel", 1, 512, 0.1, (0, 0.1), True,
+                     "random 90/10 over images, seed 42; the held-out part is the target's test "
+                     "and the source's validation", image_split=True, pipeline="chest"),
+    "covidx": Spec(parse_covidx, "multiclass", 1, 512, 0, (0, 0), False, "official train / test"),
+    "tuberculosis": Spec(parse_tuberculosis, "multiclass", 1, 512, 0.15, (0, 0), False,
+                         "random 85/15 per folder (Shenzhen, Montgomery), seed 42", image_split=True),
+    "cifar10": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test"),
+    "cifar100": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test"),
+    "flowers102": Spec(parse_flowers102, "multiclass", 3, 512, 0, (0, 0), False,
+                       "trains on the official test set (6,149), tests on train + val (2,040)",
+                       paper_renames={"train": "test", "valid": "test", "test": "train"}),
+    "pets": Spec(parse_pets, "multiclass", 3, 512, 0, (0, 0), False, "official trainval / test"),
+    "imagenet": Spec(parse_imagenet, "multiclass", 3, 256, 0, (0, 0), False, "official train / val"),
+    "imagefolder": Spec(parse_imagefolder, "multiclass", 3, 512, 0.15, (0.1, 0.1), False,
+                        "split folders if present, else by image"),
+    "csv": Spec(parse_csv, "multilabel", 1, 512, 0.15, (0.1, 0.1), False,
+                "the csv's split column if present, else by patient"),
+}
+SPLIT_RULES = ["paper", "patient"]
+
+
+def finish(raw, spec, args):
+    """Every parser's table -> the prepared table: views harmonised and filtered, splits assigned
+    (--split-by), rows marked for dropping removed, classes one-hot, `file` joined to the base
+    folder, and what was dropped reported. Returns (table, labels, dropped); the table's index
+    is the row of `raw.table` (CIFAR's in-memory images follow it)."""
+    t, dropped = raw.table.copy(), dict(raw.dropped)
+    if spec.views:
+        t["view"] = t["view"].fillna("").replace(VIEW_NAMES.get(args.dataset, {}))
+        if "all" not in args.views:
+            keep = t["view"].isin(args.views)
+            dropped["view not in --views"] = int((~keep).sum())
+            t = t[keep]
+    test_fraction = spec.test_fraction if args.test_fraction is None else args.test_fraction
+    todo = (t["split"] == "").to_numpy()
+    split = t["split"].to_numpy().copy()
+    if todo.any():
+        if args.split_by == "paper" and spec.image_split:
+            groups = t["group"] if "group" in t else pd.Series("", index=t.index)
+            for g in sorted(set(groups[todo])):
+                rows = np.flatnonzero(todo & (groups == g).to_numpy())
+                split[rows] = image_split(len(rows), test_fraction)
+        else:
+            split[todo] = patient_split(t["patient"][todo].to_numpy(), {"test": test_fraction}, args.seed)
+    if args.split_by == "paper":
+        split = np.array([spec.paper_renames.get(s, s) if not d else s for s, d in zip(split, todo)], dtype=object)
+    valid_fraction = spec.valid_fraction[SPLIT_RULES.index(args.split_by)] if args.valid_fraction is None \
+        else args.valid_fraction
+    if valid_fraction:
+        train = split == "train"
+        split[train] = patient_split(t["patient"][train].to_numpy(), {"valid": valid_fraction}, args.seed)
+    t["split"] = split
+    if "drop" in t:
+        for reason in sorted(set(t["drop"]) - {""}):
+            dropped[reason] = int((t["drop"] == reason).sum())
+        t = t[t["drop"] == ""]
+    if t.empty:
+        raise UserError("no image left to prepare (check --views and the label files)")
+    for name, asked in (("train", True), ("test", test_fraction > 0), ("valid", valid_fraction > 0)):
+        if asked and not (t["split"] == name).any():
+            raise UserError(f"the {name} split is empty ({len(t)} images; check --test-fraction / --valid-fraction)")
+    labels = raw.labels
+    if "label" in t:
+        labels = labels or sorted(t["label"].unique())
+        t = pd.concat([t, one_hot(t["label"], labels).set_axis(t.index)], axis=1)
+    if "file" not in t:
+        t["file"] = [os.path.join(raw.base, p) for p in t["path"]]
+    for reason, n in dropped.items():
+        if n:
+            print(f"dropped: {n} rows ({reason})", flush=True)
+    return t, list(labels), dropped
 
 
 # ----------------------------------------------------------------------------------------
@@ -577,6 +827,13 @@ def decode_dicom(path, channels):
     if "PixelData" not in ds:
         raise ValueError("DICOM file without pixel data")
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
+    pixels_claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
+        int(ds.get("SamplesPerPixel", 1))
+    if Image.MAX_IMAGE_PIXELS and pixels_claimed > 2 * Image.MAX_IMAGE_PIXELS:
+        # The same budget as Pillow's decompression-bomb check: a small compressed file must not
+        # expand to gigabytes in a worker.
+        raise ValueError(f"DICOM of {pixels_claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
+                         "(Pillow's MAX_IMAGE_PIXELS x 2; possible decompression bomb)")
     try:
         pixels = ds.pixel_array
     except Exception as e:
@@ -665,9 +922,23 @@ def _convert(task):
     return i, orig, None
 
 
+def _convert_chunk(tasks):
+    return [_convert(t) for t in tasks]
+
+
+def file_stamp(path):
+    """(size, mtime) of a file, None when missing: a rejected file is read again once this changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 class WorkState:
     """OUT/.work: images.npy (all rows, memory-mapped), state.npz (done-mask, original sizes) and
-    rejects.json. A row counts as converted only once the done-mask saying so is on disk."""
+    rejects.json ({row: [reason, file stamp]}). A row counts as converted only once the
+    done-mask saying so is on disk."""
 
     def __init__(self, out, files, size, channels):
         self.dir = os.path.join(out, ".work")
@@ -702,16 +973,48 @@ class WorkState:
         os.replace(os.path.join(self.dir, "state.tmp.npz"), os.path.join(self.dir, "state.npz"))
 
 
+def pool_results(todo, workers, init_args):
+    """Results of _convert over `todo` from `workers` processes, as they come, with a bounded
+    number of chunks in flight. A worker that dies (killed, out of memory) ends the run with a
+    one-line error instead of a hang; what came back before is kept by the caller."""
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    chunks = iter([todo[k:k + 4] for k in range(0, len(todo), 4)])
+    pending = set()
+    try:
+        while True:
+            while len(pending) < 4 * workers and (chunk := next(chunks, None)) is not None:
+                pending.add(pool.submit(_convert_chunk, chunk))
+            if not pending:
+                return
+            finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                yield from future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise UserError("a decoding process died (killed, e.g. out of memory); the images converted so far are "
+                        "kept: run again to continue, with fewer --workers if memory is short")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def convert_all(table, out, size, channels, workers, refused=None, stop_after=None):
     """Convert every row of `table` (columns file, optional bits) not yet done; resumable.
-    `refused` ({row: reason}) are rejected without being read. `stop_after` (tests) stops after
-    that many new images, as an interruption would."""
+    `refused` ({row: reason}) are rejected without being read; a rejected file that changed
+    since is read again. `stop_after` (tests) stops after that many new images, as an
+    interruption would."""
     from tqdm import tqdm
     files = table["file"].tolist()
     bits = table["bits"].tolist() if "bits" in table else [None] * len(files)
     state = WorkState(out, files, size, channels)
-    for i, reason in (refused or {}).items():
-        state.rejects[i], state.done[i] = reason, True
+    refused = refused or {}
+    changed = [i for i, (_, stamp) in state.rejects.items() if i not in refused and file_stamp(files[i]) != stamp]
+    for i in changed:
+        del state.rejects[i]
+        state.done[i] = False
+    if changed:
+        print(f"retry: {len(changed)} rejected files changed since they were rejected", flush=True)
+    for i, reason in refused.items():
+        state.rejects[i], state.done[i] = [reason, None], True
     todo = [(int(i), files[i], None if bits[i] is None else int(bits[i])) for i in np.flatnonzero(~state.done)]
     if state.done.any():
         print(f"resume: {int(state.done.sum())} of {len(files)} images already converted", flush=True)
@@ -719,11 +1022,8 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
     log_every = max(1, n_total // 10)
     bar = tqdm(total=n_total, initial=int(state.done.sum()), unit="img", disable=not sys.stderr.isatty())
     if workers > 1:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(workers, _init_worker, (state.images_path, size, channels))
-        results = pool.imap_unordered(_convert, todo, chunksize=4)
+        results = pool_results(todo, workers, (state.images_path, size, channels))
     else:
-        pool = None
         _init_worker(state.images_path, size, channels)
         results = map(_convert, todo)
     try:
@@ -731,7 +1031,7 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
             if reason is None:
                 state.orig[i] = orig
             else:
-                state.rejects[i] = reason
+                state.rejects[i] = [reason, file_stamp(files[i])]
             state.done[i] = True
             new += 1
             bar.update(1)
@@ -740,18 +1040,17 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
                 print(f"convert: {done}/{n_total} images  rejects {len(state.rejects)}  "
                       f"{new / max(time.time() - t0, 1e-9):.1f} img/s", flush=True)
             if time.time() - last_save > 5:
-                if pool is None:
+                if workers == 1:
                     _worker["images"].flush()
                 state.save()
                 last_save = time.time()
             if stop_after is not None and new >= stop_after:
                 break
     finally:
-        # Also on Ctrl-C: workers wrote into the shared file mapping, so marking what came
-        # back as done is safe; anything in flight is redone on the next run.
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        # Also on Ctrl-C or a dead worker: workers wrote into the shared file mapping, so
+        # marking what came back as done is safe; anything in flight is redone on the next run.
+        if workers > 1:
+            results.close()
         else:
             _worker["images"].flush()
         _worker.clear()
@@ -812,9 +1111,12 @@ def report(table, labels, out):
 # Merge: several prepared folders -> one
 
 def merge(inputs, out, label_mode="intersection"):
-    """Concatenate prepared multilabel folders (same size and channels). Labels: the sorted
-    intersection, or the union with unknown (empty) where a source lacks a label. Paths and
-    patient ids get the source's name as prefix so they stay unique."""
+    """Concatenate prepared multilabel folders (same size and channels) into one pre-training
+    source. Labels: the sorted intersection (the paper's rule, its 7 labels for CheXpert + MIMIC
+    + NIH + PadChest), or with --labels union all of them, unknown (empty) where a source lacks
+    one. Validation: each input's valid rows, or its test rows where it has no valid split (as
+    the paper's merged source validated on each dataset's validation set). Paths and patient
+    ids get the source's name as prefix so they stay unique."""
     metas = [read_meta(d) for d in inputs]
     if len({(m["size"], m["channels"]) for m in metas}) > 1:
         raise UserError("merge: inputs differ in size or channels: " + ", ".join(
@@ -825,11 +1127,18 @@ def merge(inputs, out, label_mode="intersection"):
     labels = sorted(set.intersection(*sets) if label_mode == "intersection" else set.union(*sets))
     if not labels:
         raise UserError("merge: the inputs share no label; use --labels union")
+    print(f"merge: {label_mode} of labels, kept {len(labels)}: {', '.join(labels)}", flush=True)
+    for d, m in zip(inputs, metas):
+        gone = sorted(set(m["labels"]) - set(labels))
+        print(f"merge: {d}: dropped {len(gone)} labels" + (f": {', '.join(gone)}" if gone else ""), flush=True)
     tables = []
     for d, m in zip(inputs, metas):
         t = read_labels_csv(d, m["labels"])
         name = m["name"] or os.path.basename(os.path.normpath(d))
         t["path"], t["patient"] = name + "/" + t["path"], name + "/" + t["patient"]
+        if validation_split(t) == "test":
+            print(f"merge: {d} has no valid split; its test rows validate the merged source", flush=True)
+            t["split"] = t["split"].replace({"test": "valid"})
         for label in labels:
             t[label] = t[label] if label in t else np.nan
         tables.append(t[META_COLUMNS + labels])
@@ -1042,40 +1351,45 @@ def make_demo(raw_root, seed=0, n_nih=2400, n_chexpert=600, n_target=1000, image
 # ----------------------------------------------------------------------------------------
 # Command line
 
-PARSERS = {"chexpert": parse_chexpert, "mimic": lambda a: parse_mimic(a, "jpg"),
-           "mimic-dicom": lambda a: parse_mimic(a, "dcm"), "nih": parse_nih, "padchest": parse_padchest,
-           "covidx": parse_covidx, "tuberculosis": parse_tuberculosis, "flowers102": parse_natural,
-           "pets": parse_natural, "imagefolder": parse_imagefolder, "csv": parse_csv}
-DATASETS = ["chexpert", "mimic", "mimic-dicom", "nih", "padchest", "covidx", "tuberculosis", "cifar10",
-            "cifar100", "flowers102", "pets", "imagefolder", "csv", "merge", "demo"]
-
-
 def get_args_parser():
     p = models.ArgumentParser(description="Prepare a dataset: raw download -> images.npy + labels.csv + meta.json.")
-    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
-                   help="one of: " + ", ".join(DATASETS) + " (demo writes synthetic raw folders to --out)")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS) + ["merge", "demo"], metavar="NAME",
+                   help="one of: " + "; ".join(f"{k} ({s.task}, split: {s.paper_split})" for k, s in DATASETS.items())
+                   + "; merge (prepared folders -> one, see --inputs); demo (synthetic raw folders written to --out)")
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
-    p.add_argument("--size", type=int, default=None, help="side of the stored square images (default 512; CIFAR 32)")
+    p.add_argument("--size", type=int, default=None,
+                   help="side of the stored square images (default: 512, the HyperRule's resize; CIFAR 32; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="stored channels for imagefolder/csv (default: imagefolder 3, csv 1)")
+                   help="stored channels (default: 1 for X-rays and csv, 3 for natural images and imagefolder)")
     p.add_argument("--views", nargs="+", default=PRETRAIN_VIEWS,
-                   help="views kept for the X-ray sources (PadChest AP_horizontal = 'AP Supine', CheXpert lateral = "
-                        "'L'; MIMIC ViewPosition as is); 'all' keeps every view")
+                   help="views kept for the X-ray datasets, harmonised names (CheXpert lateral = L, PadChest "
+                        "AP_horizontal = 'AP Supine', MIMIC ViewPosition as is); 'all' keeps every view. Prepare once "
+                        "with the paper's five and pick per recipe at training time")
+    p.add_argument("--split-by", choices=SPLIT_RULES, default="paper",
+                   help="paper: the paper's splits (PadChest random 90/10 over images and Tuberculosis 85/15 per "
+                        "folder, seed 42; Flowers-102 swapped; no validation carve-out from a target). patient: "
+                        "stricter, for new studies: no patient in two splits, the official Flowers-102 split, and a "
+                        "validation split by patient for NIH and PadChest")
+    p.add_argument("--valid-fraction", type=float, default=None,
+                   help="fraction of the training patients moved to 'valid' (default: none where the dataset has "
+                        "an official validation split or is a target; 0.1 for NIH and PadChest with --split-by "
+                        "patient, and for imagefolder/csv)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="fraction held out as 'test' where there is no official test split (default: PadChest 0.1, "
+                        "Tuberculosis 0.15 per folder, imagefolder/csv 0.15)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the patient-level splits and of the demo data (the paper's random splits use its "
+                        "seed 42)")
     p.add_argument("--uncertain", choices=["ignore", "ones", "zeros"], default="ignore",
                    help="CheXpert/MIMIC/csv uncertain (-1) labels: ignore = unknown (masked), or map to 1 / 0")
     p.add_argument("--blank", choices=["ignore", "zeros"], default="ignore",
                    help="CheXpert/MIMIC blank (not mentioned) labels: unknown (masked) or 0")
-    p.add_argument("--valid-fraction", type=float, default=0.1,
-                   help="patients moved to 'valid' where there is no official validation split")
-    p.add_argument("--test-fraction", type=float, default=None,
-                   help="patients in 'test' where there is no official test split (default: PadChest 0.1, "
-                        "Tuberculosis/imagefolder/csv 0.15, the paper's ratios)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level splits and of the demo data")
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
-                   help="merge: keep labels shared by all inputs, or all (unknown where a source lacks one)")
+                   help="merge: keep the sorted intersection of the inputs' labels (the paper's rule), or the union "
+                        "(unknown where a source lacks a label)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes (1 = in this process)")
     p.add_argument("--max-rejects", type=float, default=0.01,
@@ -1083,68 +1397,76 @@ def get_args_parser():
                         "images is rejected")
     p.add_argument("--strict", action="store_true", help="fail on any rejected image")
     p.add_argument("--dry-run", action="store_true",
-                   help="read metadata only: write labels.csv and label_stats.csv, print the counts")
-    p.add_argument("--download", action="store_true", help="torchvision datasets: download if absent")
+                   help="read metadata only: write labels.csv and label_stats.csv, print the counts, convert nothing")
+    p.add_argument("--download", action="store_true", help="cifar10/cifar100/flowers102/pets: download into --root if absent")
     p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared --out")
     return p
 
 
-def save_args(args):
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+def check_args(args):
+    if args.size is not None and args.size < 1:
+        raise UserError("--size must be positive")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    if not 0 <= (args.valid_fraction or 0) < 1 or not 0 <= (args.test_fraction or 0) < 1:
+        raise UserError("--valid-fraction and --test-fraction must be in [0, 1)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    if args.dataset == "merge":
+        if not args.inputs or len(args.inputs) < 2:
+            raise UserError("merge needs --inputs with at least two prepared folders")
+    elif args.dataset != "demo" and not args.root:
+        raise UserError(f"--dataset {args.dataset} needs --root")
+    elif args.dataset != "demo" and not os.path.isdir(args.root) and not (args.download and args.dataset in TORCHVISION):
+        raise FileNotFoundError(f"--root {args.root} is not a folder")
 
 
 def main(args, stop_after=None):
-    if args.size is not None and args.size < 1:
-        raise UserError("--size must be positive")
-    if not 0 <= args.valid_fraction < 1 or not 0 <= (args.test_fraction or 0) < 1:
-        raise UserError("--valid-fraction and --test-fraction must be in [0, 1)")
+    check_args(args)
     if args.dataset == "demo":
         make_demo(args.out, seed=args.seed)
         print(f"demo: raw folders written to {args.out}/nih, {args.out}/chexpert, {args.out}/tuberculosis", flush=True)
         return None
-    if args.dataset == "merge":
-        if not args.inputs or len(args.inputs) < 2:
-            raise UserError("merge needs --inputs with at least two prepared folders")
-    elif not args.root:
-        raise UserError(f"--dataset {args.dataset} needs --root")
-    elif not os.path.isdir(args.root) and not (args.download and args.dataset in TORCHVISION):
-        raise FileNotFoundError(f"--root {args.root} is not a folder")
     if os.path.exists(os.path.join(args.out, "meta.json")):
         if not args.overwrite:
             raise UserError(f"{args.out} already holds a prepared dataset; pass --overwrite to rebuild it")
         os.remove(os.path.join(args.out, "meta.json"))
-    save_args(args)
     if args.dataset == "merge":
+        models.save_args(args.out, args)
         return merge(args.inputs, args.out, args.labels)
-    if args.dataset in ("cifar10", "cifar100"):
-        return prepare_cifar(args)
-
-    table, labels, task, channels, base, dropped = PARSERS[args.dataset](args)
-    if args.dataset in ("chexpert", "mimic", "mimic-dicom", "nih", "padchest") and "all" not in args.views:
-        keep = table["view"].isin(args.views).to_numpy()
-        dropped["view not in --views"] = int((~keep).sum())
-        table = table[keep].reset_index(drop=True)
-    for reason, n in dropped.items():
-        if n:
-            print(f"dropped: {n} rows ({reason})", flush=True)
-    if table.empty:
-        raise UserError("no image left to prepare (check --views and the label files)")
+    if args.download and args.dataset in TORCHVISION:
+        download(args)
+    spec = DATASETS[args.dataset]
+    raw = spec.reader(args)
+    models.save_args(args.out, args)
+    table, labels, dropped = finish(raw, spec, args)
+    channels, size = args.channels or spec.channels, args.size or spec.size
+    meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
+            "pipeline": spec.pipeline, "split_by": args.split_by}
     if args.dry_run:
         write_labels_csv(os.path.join(args.out, "labels.csv"), table, labels)
         report(table, labels, args.out)
+        print(f"dry run: metadata only, no image converted; {args.out} is not a prepared dataset (no meta.json)",
+              flush=True)
         return table
-
-    size = args.size or 512
-    refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"]) if not is_inside(f, base)}
+    if raw.images is not None:                 # CIFAR: pixels already in memory
+        images = raw.images[table.index.to_numpy()]
+        if size != images.shape[1]:
+            images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+        table = table.reset_index(drop=True)
+        report(table, labels, args.out)
+        save_prepared(args.out, images, table, labels, spec.task, args.dataset,
+                      {**meta, "orig_size": list(raw.images.shape[1:3]), "counts": counts(table)})
+        return table
+    table = table.reset_index(drop=True)
+    refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"]) if not is_inside(f, raw.base)}
     state = convert_all(table, args.out, size, channels, args.workers, refused, stop_after)
     if not state.done.all():
         print(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue", flush=True)
         return None
     rejected = np.zeros(len(table), bool)
     rejected[list(state.rejects)] = True
-    rejects = pd.DataFrame({"path": table["path"][rejected], "reason": [state.rejects[i] for i in np.flatnonzero(rejected)]})
+    rejects = pd.DataFrame({"path": table["path"][rejected], "reason": [state.rejects[i][0] for i in np.flatnonzero(rejected)]})
     rejects.to_csv(os.path.join(args.out, "rejects.csv"), index=False)
     for r in rejects.head(20).itertuples():
         print(f"reject: {r.path}: {r.reason}", flush=True)
@@ -1159,9 +1481,7 @@ def main(args, stop_after=None):
     kept = table[keep].reset_index(drop=True)
     write_labels_csv(os.path.join(args.out, "labels.csv"), kept, labels)
     report(kept, labels, args.out)
-    orig = state.orig[keep]
-    write_meta(args.out, {"name": args.dataset, "size": size, "channels": channels, "labels": labels,
-                          "task": task, "orig_size": [int(v) for v in np.median(orig, axis=0)],
+    write_meta(args.out, {**meta, "orig_size": [int(v) for v in np.median(state.orig[keep], axis=0)],
                           "counts": {**counts(kept), "rejected": int(rejected.sum()), "dropped": dropped}})
     shutil.rmtree(state.dir, ignore_errors=True)
     return kept
