@@ -44,10 +44,19 @@ def test_select_shots_exact_deterministic_nested():
     assert np.array_equal(fewshot.select_shots(targets, 0, 3), np.arange(500))
 
 
-def test_select_shots_too_few_examples():
-    targets = onehot(np.array([0, 0, 0, 1, 1]), 2)
-    with pytest.raises(models.UserError, match="3 shots need 3 training examples of class 'b'.* has 2"):
-        fewshot.select_shots(targets, 3, 0, names=["a", "b"])
+def test_select_shots_paper_rule_short_class_keeps_all():
+    classes = np.array([0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 2, 1, 1])  # a 4, b 8, c 1
+    targets = onehot(classes, 3)
+    for seed in (0, 7):
+        rng = np.random.RandomState(seed)  # the paper's finetune.py, written out independently
+        members = [np.flatnonzero(classes == c) for c in range(3)]
+        shuffled = [m[rng.permutation(len(m))] for m in members]
+        for k in (1, 3, 5, 500):
+            idx = fewshot.select_shots(targets, k, seed)
+            assert sorted(idx) == sorted(np.concatenate([s[:k] for s in shuffled]))
+        assert np.bincount(classes[fewshot.select_shots(targets, 5, seed)]).tolist() == [4, 5, 1]
+    assert fewshot.short_classes(targets, 5, ["a", "b", "c"]) == [("a", 4), ("c", 1)]
+    assert fewshot.short_classes(targets, 0, ["a", "b", "c"]) == []
 
 
 def test_single_label_view_of_multilabel():
@@ -71,9 +80,9 @@ def test_select_shots_multilabel_greedy():
         assert prev <= set(idx)
         prev = set(idx)
     assert len(fewshot.select_shots_multilabel(y, 5, 0)) < 60  # far from all 400 rows
-    rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())
-    with pytest.raises(models.UserError, match=f"label 'e'.* has {rare}"):
-        fewshot.select_shots_multilabel(y, rare + 1, 0, names=list("abcde"))
+    rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())  # a label with fewer than k keeps all it has
+    counts = (np.nan_to_num(y[fewshot.select_shots_multilabel(y, rare + 3, 0)]) > 0.5).sum(0)
+    assert counts[4] == rare and (counts[:4] >= rare + 3).all()
 
 
 # ----------------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def test_multilabel_modes(tmp_path):
 # Command line
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "DATA", "--shots", "100"], "100 shots need 100 training examples of class 'a'"),
+    (["--data", "DATA", "--seeds", "0", "-1"], "seeds must be >= 0"),
     (["--data", "DATA", "--shots", "abc"], "shots must be a count or 'full'"),
     (["--data", "DATA", "--shots", "-1"], "shots must be >= 0"),
     (["--summarize", "/nonexistent/run"], "no results file"),
