@@ -2,6 +2,7 @@
 summary of a hand-made results file, tiny end-to-end grids (fine-tuning and linear probe, with
 resume-skip) and the command line."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import fewshot  # noqa: E402
 import models  # noqa: E402
+import transfer  # noqa: E402
 from test_transfer import make_dataset  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
@@ -209,6 +211,62 @@ def test_multilabel_modes(tmp_path):
     assert [r["target"] for r in multi] == ["px"] * 2 and multi[0]["headline"] == "auc"
     assert multi[0]["num_train"] <= multi[1]["num_train"]
     assert set(pd.read_csv(out / "results.csv")["target"]) == {"px", "px_single"}
+
+
+def test_grid_truncates_short_classes_and_oversamples_full_shot_only(tmp_path, capsys, monkeypatch):
+    data = make_dataset(tmp_path / "tb", n_train=15)  # 5 per class
+    calls = []
+    real = transfer.oversampling_weights
+    monkeypatch.setattr(transfer, "oversampling_weights", lambda t: calls.append(len(t)) or real(t))
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--shots", "1", "500", "full", "--seeds", "0",
+            "--steps", "1", "--oversample"] + TINY
+    rows = fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    assert [r["num_train"] for r in rows] == [3, 15, 15] and calls == [15]
+    assert "500 shots: 3 of 3 classes have fewer training images and keep all they have: 'a' 5" \
+        in capsys.readouterr().out
+
+
+def test_failing_cell_does_not_stop_the_grid(tmp_path, capsys, monkeypatch):
+    data = make_dataset(tmp_path / "tb", n_train=15)
+    real, calls = models.loss_fn, []
+
+    def loss_nan_in_first_run(logits, y, multilabel):  # the first fine-tune diverges
+        calls.append(1)
+        loss = real(logits, y, multilabel)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(models, "loss_fn", loss_nan_in_first_run)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--steps", "2"] + TINY
+    with pytest.raises(SystemExit) as exc:
+        fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert exc.value.code == 1 and "1 of 2 runs failed" in log and "shots=1 seed=0" in log.splitlines()[-1]
+    results = pd.read_csv(out / "results.csv")
+    assert results["shots"].tolist() == [2]  # the rest ran; no metric row for the failure
+    assert pd.read_csv(out / "failures.csv")["shots"].tolist() == [1]
+    monkeypatch.setattr(models, "loss_fn", real)
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))  # a rerun does the failed cell only
+    assert sorted(pd.read_csv(out / "results.csv")["shots"]) == [1, 2]
+
+
+def test_ctrl_c_keeps_finished_rows(tmp_path):
+    data = make_dataset(tmp_path / "tb", n_train=15)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fewshot.py"), "--data", str(data), "--out", str(out),
+                             "--shots", "1", "--seeds", "0", "1", "2", "--steps", "30"]
+                            + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("eval "):  # the first run is recorded
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130) and err.strip() == ""
+    if proc.returncode == 130:
+        assert rest.strip().splitlines()[-1].startswith("stopped by SIGINT")
+    assert len(pd.read_csv(out / "results.csv")) >= 1
 
 
 # ----------------------------------------------------------------------------------------
