@@ -16,12 +16,20 @@ Quick CPU run:
         --source nih+chexpert --model R14x1 --shots 1 5 10 --seeds 0 1 2 --out runs/demo --steps 40 \
         --lr 0.01 --resize 56 --crop 48 --batch-size 16
 
-Subsets are a pure function of (labels, k, seed), exactly k per class and nested across k for
-one seed. Multi-label targets: --multilabel-mode single (the paper's way: keep the images with
-exactly one positive label, train and evaluate single-label) or multi (at least k positives per
-label, rows taken greedily in a seeded order; training stays multi-label). Shots 0 or "full"
-use the whole training split. A run whose (method, source, model, target, shots, seed) is
-already in the results CSV is skipped.
+Subsets are the paper's (finetune.py --examples-per-class): one np.random.RandomState(seed)
+shuffles each class's training positions in class order and the first k are kept; a class with
+fewer than k images keeps all it has (one line says which; results.csv's num_train is the real
+size). Hence a pure function of (labels, k, seed), nested across k for one seed. Multi-label
+targets: --multilabel-mode single (the paper's way: keep the images with exactly one positive
+label, train and evaluate single-label) or multi (at least k positives per label, or all a label
+has, rows taken greedily in a seeded order; training stays multi-label). Shots 0 or "full" use
+the whole training split; --oversample applies to those only.
+
+A run whose (method, source, model, target, shots, seed) is already in the results CSV is
+skipped. A run that fails (e.g. a non-finite loss) is logged, recorded in failures.csv beside
+results.csv (not as a metric row) and the grid goes on. Exit status: 0 all recorded, 1 some
+failed (listed at the end), 2 bad input, 130 / 143 stopped by Ctrl-C / SIGTERM (finished rows
+kept; a rerun continues).
 """
 import argparse
 import json
@@ -31,6 +39,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 import models
 import transfer
@@ -62,47 +71,39 @@ def single_label(targets):
     return keep, pos[keep].astype(np.float32)
 
 
-def select_shots(targets, k, seed, names=None):
-    """Positions of exactly k examples of every class of one-hot `targets`, sorted. For one seed
-    each class's examples come in one fixed shuffled order and the first k are taken, so the
-    subsets are nested across k. k = 0 means all rows."""
+def select_shots(targets, k, seed):
+    """Positions of k examples of every class of one-hot `targets` (all of a class that has
+    fewer), sorted: the paper's rule, one RandomState(seed) shuffling each class's positions in
+    class order, the first k kept. The shuffles do not depend on k, so the subsets are nested
+    across k. k = 0 means all rows."""
     if k == 0:
         return np.arange(len(targets))
     classes = np.asarray(targets).argmax(1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(seed)
     chosen = []
     for c in range(targets.shape[1]):
         members = np.flatnonzero(classes == c)
-        members = members[rng.permutation(len(members))]  # drawn for every class: k-independent
-        if len(members) < k:
-            name = names[c] if names is not None else c
-            raise models.UserError(f"{k} shots need {k} training examples of class {name!r}, "
-                                   f"the train split has {len(members)}")
+        rng.shuffle(members)
         chosen.append(members[:k])
     return np.sort(np.concatenate(chosen))
 
 
-def select_shots_multilabel(targets, k, seed, names=None):
-    """Positions of a subset with at least k positives of every label, sorted. Rows are visited
-    in one seeded order; level j = 1..k extends level j-1 by taking, in that order, the rows
-    that are positive for a label still below j. Hence nested across k, a function of
-    (labels, k, seed) only."""
+def select_shots_multilabel(targets, k, seed):
+    """Positions of a subset with at least k positives of every label (all the positives of a
+    label that has fewer), sorted. Rows are visited in one seeded order; level j = 1..k extends
+    level j-1 by taking, in that order, the rows that are positive for a label still below
+    min(j, its positives). Hence nested across k, a function of (labels, k, seed) only."""
     pos = np.nan_to_num(targets) > 0.5
     if k == 0:
         return np.arange(len(targets))
-    short = np.flatnonzero(pos.sum(0) < k)
-    if len(short):
-        j = short[0]
-        name = names[j] if names is not None else j
-        raise models.UserError(f"{k} shots need {k} positive training examples of label {name!r}, "
-                               f"the train split has {int(pos[:, j].sum())}")
+    available = pos.sum(0)
     order = np.random.default_rng(seed).permutation(len(targets))
     pos_ordered = pos[order]
     taken = np.zeros(len(order), bool)
     counts = np.zeros(pos.shape[1], int)
     for level in range(1, k + 1):
         while True:
-            below = counts < level
+            below = counts < np.minimum(level, available)
             if not below.any():
                 break
             candidates = ~taken & pos_ordered[:, below].any(1)
@@ -110,6 +111,23 @@ def select_shots_multilabel(targets, k, seed, names=None):
             taken[first] = True
             counts += pos_ordered[first]
     return np.sort(order[taken])
+
+
+def short_classes(targets, k, names):
+    """[(name, count)] of the classes (labels) with fewer than k training examples (positives),
+    which keep all they have."""
+    counts = (np.nan_to_num(targets) > 0.5).sum(0)
+    return [(names[j], int(counts[j])) for j in np.flatnonzero(counts < k)] if k else []
+
+
+def log_short_classes(train, shots):
+    for k in shots:
+        short = short_classes(train.targets, k, train.labels)
+        if short:
+            listed = ", ".join(f"{name!r} {count}" for name, count in short[:5])
+            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+            models.print0(f"{k} shots: {len(short)} of {len(train.labels)} classes have fewer training "
+                          f"images and keep all they have: {listed}{more}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,52 +165,14 @@ def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
     return w.detach().float(), b.detach().float()
 
 
-def linear_probe(args, env, base_model, train, evalset, shots_list, seeds):
-    """Extract features of the train and evaluation rows once, then fit and record one probe per
-    (k, seed). Returns the results rows."""
-    cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
-    model = base_model.to(env.device)
-    t0 = time.time()
-    batch = transfer.eval_batch_size(cfg, args, env)
-    train_x, _ = transfer.predict_features(model, train, cfg["crop"], env, batch, args.dtype, features=True)
-    eval_x, eval_y = transfer.predict_features(model, evalset, cfg["crop"], env, batch, args.dtype,
-                                               features=True)
-    models.print0(f"features {len(train_x)} train + {len(eval_x)} eval at {cfg['crop']}px, "
-                  f"dim {train_x.shape[1]}, {time.time() - t0:.1f}s")
-    rows = []
-    for k in shots_list:
-        for seed in seeds:
-            key = {"method": "linear", "source": args.source, "model": args.model,
-                   "target": args.target, "shots": k, "seed": seed}
-            done = transfer.find_result(transfer.results_path(args), key)
-            if done is not None:
-                models.print0(f"skip {' '.join(f'{a}={v}' for a, v in key.items())}: already done")
-                rows.append(done)
-                continue
-            t1 = time.time()
-            idx = subset(train, k, seed, args.multilabel_mode)
-            w, b = fit_logistic(train_x[idx], train.targets[idx], train.multilabel, args.probe_c,
-                                args.probe_iters)
-            logits = (torch.as_tensor(eval_x) @ w + b).numpy()
-            if not env.is_master:
-                continue
-            metrics, ci, per_class = transfer.evaluate(logits, eval_y, evalset.multilabel,
-                                                       evalset.labels, args, seed)
-            transfer.log_eval(key, metrics, ci)
-            task = "multilabel" if evalset.multilabel else "multiclass"
-            rows.append(transfer.record(args, key, task, metrics, ci, per_class, len(idx),
-                                        len(evalset), args.probe_iters, time.time() - t1))
-    return rows
-
-
 # ----------------------------------------------------------------------------------------
 # The grid
 
 def subset(train, k, seed, mode):
     """Training positions for k shots and this seed."""
     if train.multilabel and mode == "multi":
-        return select_shots_multilabel(train.targets, k, seed, train.labels)
-    return select_shots(train.targets, k, seed, train.labels)
+        return select_shots_multilabel(train.targets, k, seed)
+    return select_shots(train.targets, k, seed)
 
 
 def single_label_view(dataset):
@@ -203,32 +183,90 @@ def single_label_view(dataset):
     return transfer.view(dataset, keep, onehot, multilabel=False)
 
 
+def probe_cells(args, env, base_model, train, evalset, stop):
+    """One linear probe per (k, seed) through transfer.run_cell, on features of the train and
+    evaluation rows extracted once (at the first probe that needs them)."""
+    features = {}
+
+    def extract():
+        if not features:
+            cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
+            model, batch, t0 = base_model.to(env.device), transfer.eval_batch_size(cfg, args, env), time.time()
+            features["train"], _ = transfer.extract_features(model, train, cfg["crop"], env, batch, args)
+            features["eval"] = transfer.extract_features(model, evalset, cfg["crop"], env, batch, args)
+            models.print0(f"features {len(train)} train + {len(evalset)} eval at {cfg['crop']}px, "
+                          f"dim {features['train'].shape[1]}, {time.time() - t0:.1f}s")
+        return features
+
+    for k in args.shots:
+        for seed in args.seeds:
+            if stop:
+                raise transfer.Stopped(stop.signum)
+            idx = subset(train, k, seed, args.multilabel_mode)
+
+            def fit():
+                f = extract()
+                w, b = fit_logistic(f["train"][idx], train.targets[idx], train.multilabel, args.probe_c,
+                                    args.probe_iters)
+                eval_x, eval_y = f["eval"]
+                return (torch.as_tensor(eval_x) @ w + b).numpy(), eval_y, args.probe_iters
+
+            key = transfer.run_key(args, "linear", k, seed)
+            yield key, transfer.run_cell(args, env, key, evalset, len(idx), fit)
+
+
+def finetune_cells(args, env, base_model, train, evalset, stop):
+    """One fine-tune per (k, seed) through transfer.run; --oversample in full-shot runs only."""
+    for k in args.shots:
+        for seed in args.seeds:
+            idx = subset(train, k, seed, args.multilabel_mode)
+            key = transfer.run_key(args, "finetune", k, seed)
+            yield key, transfer.run(args, env, base_model, transfer.view(train, idx), evalset, k, seed, stop,
+                                    oversample=args.oversample and k == 0)
+
+
 def run_grid(args):
+    """The whole grid; rows of the finished runs. Failed runs are listed at the end and end the
+    process with status 1, a stop signal with 128 + its number."""
     env = models.setup_distributed(args.device)
     try:
-        train, evalset, split = transfer.load_target(args.data)
-        if train.multilabel and args.multilabel_mode == "single":
-            # A different task (other rows, single-label metrics): recorded under its own name.
-            train, evalset = single_label_view(train), single_label_view(evalset)
-            args.target = f"{args.target}_single"
-        models.print0(f"target {args.target}: {len(train)} train, {len(evalset)} {split}, "
-                      f"{'multi-label' if train.multilabel else 'single-label'}, {len(train.labels)} labels")
-        for k in args.shots:  # fail on an impossible k before any training
-            subset(train, k, 0, args.multilabel_mode)
-        if env.is_master:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
-        torch.manual_seed(args.seeds[0])  # one random init (--init scratch) shared by the grid
-        base = transfer.init_model(args, len(train.labels))
-        if args.linear_probe:
-            return linear_probe(args, env, base, train, evalset, args.shots, args.seeds)
-        rows = []
-        for k in args.shots:
-            for seed in args.seeds:
-                idx = subset(train, k, seed, args.multilabel_mode)
-                rows.append(transfer.run(args, env, base, transfer.view(train, idx), evalset, k, seed))
-        return rows
+        with models.StopSignals() as stop:
+            train, evalset, split = transfer.load_target(args.data)
+            if train.multilabel and args.multilabel_mode == "single":
+                # A different task (other rows, single-label metrics): recorded under its own name.
+                train, evalset = single_label_view(train), single_label_view(evalset)
+                args.target = f"{args.target}_single"
+            models.print0(f"target {args.target}: {len(train)} train, {len(evalset)} {split}, "
+                          f"{'multi-label' if train.multilabel else 'single-label'}, {len(train.labels)} labels, "
+                          f"pipeline {args.pipeline}")
+            log_short_classes(train, args.shots)
+            torch.manual_seed(args.seeds[0])  # one random init (--init scratch) shared by the grid
+            base, args.input_norm = transfer.init_model(args, len(train.labels))
+            cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
+            if not args.linear_probe:
+                transfer.check_batch(cfg, args, env)
+                note = transfer.long_cpu_run_note(env.device, cfg)
+                if note:
+                    models.print0(note)
+            models.save_args(args.out, args)
+            cells = (probe_cells if args.linear_probe else finetune_cells)(args, env, base, train, evalset, stop)
+            rows, failed = [], []
+            try:
+                for key, row in cells:
+                    if row is None:
+                        failed.append(key)
+                    elif row:
+                        rows.append(row)
+            except transfer.Stopped as e:
+                transfer.stopped_exit(e, args)
+            if failed:
+                models.print0(f"{len(failed)} of {len(args.shots) * len(args.seeds)} runs failed "
+                              f"(reasons in {transfer.failures_path(args)}): "
+                              + "; ".join(transfer.describe(key) for key in failed))
+                raise SystemExit(1)
+            if env.world_size > 1:
+                dist.barrier()  # every rank done before the group goes (no abort at exit)
+            return rows
     finally:
         models.cleanup_distributed()
 
@@ -628,9 +666,10 @@ def get_args_parser():
     parser = models.ArgumentParser(description="Few-shot transfer grid over shots and seeds, and its summary.")
     transfer.add_common_arguments(parser)
     parser.add_argument("--shots", nargs="+", type=parse_shots, default=[1, 5, 10, 100, 0],
-                        help="examples per class; 0 or 'full' = the whole training split")
+                        help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
+                             "the whole training split")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
-                        help="seeds of subset choice and training")
+                        help="seeds of subset choice and training (the paper's 0..4)")
     parser.add_argument("--multilabel-mode", default="single", choices=["single", "multi"],
                         help="multi-label targets: single = images with exactly one positive, trained "
                              "single-label (the paper's way; results under TARGET_single); "
@@ -647,7 +686,7 @@ def get_args_parser():
 def main(args):
     if args.summarize:
         return run_summary(args)
-    transfer.finish_args(args)
+    transfer.finish_args(args, args.seeds)
     if args.probe_c <= 0 or args.probe_iters < 1:
         raise models.UserError("--probe-c must be > 0 and --probe-iters >= 1")
     args.shots = list(dict.fromkeys(args.shots))

@@ -2,6 +2,7 @@
 summary of a hand-made results file, tiny end-to-end grids (fine-tuning and linear probe, with
 resume-skip) and the command line."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import fewshot  # noqa: E402
 import models  # noqa: E402
+import transfer  # noqa: E402
 from test_transfer import make_dataset  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
@@ -44,10 +46,19 @@ def test_select_shots_exact_deterministic_nested():
     assert np.array_equal(fewshot.select_shots(targets, 0, 3), np.arange(500))
 
 
-def test_select_shots_too_few_examples():
-    targets = onehot(np.array([0, 0, 0, 1, 1]), 2)
-    with pytest.raises(models.UserError, match="3 shots need 3 training examples of class 'b'.* has 2"):
-        fewshot.select_shots(targets, 3, 0, names=["a", "b"])
+def test_select_shots_paper_rule_short_class_keeps_all():
+    classes = np.array([0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 2, 1, 1])  # a 4, b 8, c 1
+    targets = onehot(classes, 3)
+    for seed in (0, 7):
+        rng = np.random.RandomState(seed)  # the paper's finetune.py, written out independently
+        members = [np.flatnonzero(classes == c) for c in range(3)]
+        shuffled = [m[rng.permutation(len(m))] for m in members]
+        for k in (1, 3, 5, 500):
+            idx = fewshot.select_shots(targets, k, seed)
+            assert sorted(idx) == sorted(np.concatenate([s[:k] for s in shuffled]))
+        assert np.bincount(classes[fewshot.select_shots(targets, 5, seed)]).tolist() == [4, 5, 1]
+    assert fewshot.short_classes(targets, 5, ["a", "b", "c"]) == [("a", 4), ("c", 1)]
+    assert fewshot.short_classes(targets, 0, ["a", "b", "c"]) == []
 
 
 def test_single_label_view_of_multilabel():
@@ -71,9 +82,9 @@ def test_select_shots_multilabel_greedy():
         assert prev <= set(idx)
         prev = set(idx)
     assert len(fewshot.select_shots_multilabel(y, 5, 0)) < 60  # far from all 400 rows
-    rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())
-    with pytest.raises(models.UserError, match=f"label 'e'.* has {rare}"):
-        fewshot.select_shots_multilabel(y, rare + 1, 0, names=list("abcde"))
+    rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())  # a label with fewer than k keeps all it has
+    counts = (np.nan_to_num(y[fewshot.select_shots_multilabel(y, rare + 3, 0)]) > 0.5).sum(0)
+    assert counts[4] == rare and (counts[:4] >= rare + 3).all()
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,11 +213,67 @@ def test_multilabel_modes(tmp_path):
     assert set(pd.read_csv(out / "results.csv")["target"]) == {"px", "px_single"}
 
 
+def test_grid_truncates_short_classes_and_oversamples_full_shot_only(tmp_path, capsys, monkeypatch):
+    data = make_dataset(tmp_path / "tb", n_train=15)  # 5 per class
+    calls = []
+    real = transfer.oversampling_weights
+    monkeypatch.setattr(transfer, "oversampling_weights", lambda t: calls.append(len(t)) or real(t))
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--shots", "1", "500", "full", "--seeds", "0",
+            "--steps", "1", "--oversample"] + TINY
+    rows = fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    assert [r["num_train"] for r in rows] == [3, 15, 15] and calls == [15]
+    assert "500 shots: 3 of 3 classes have fewer training images and keep all they have: 'a' 5" \
+        in capsys.readouterr().out
+
+
+def test_failing_cell_does_not_stop_the_grid(tmp_path, capsys, monkeypatch):
+    data = make_dataset(tmp_path / "tb", n_train=15)
+    real, calls = models.loss_fn, []
+
+    def loss_nan_in_first_run(logits, y, multilabel):  # the first fine-tune diverges
+        calls.append(1)
+        loss = real(logits, y, multilabel)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(models, "loss_fn", loss_nan_in_first_run)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--steps", "2"] + TINY
+    with pytest.raises(SystemExit) as exc:
+        fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert exc.value.code == 1 and "1 of 2 runs failed" in log and "shots=1 seed=0" in log.splitlines()[-1]
+    results = pd.read_csv(out / "results.csv")
+    assert results["shots"].tolist() == [2]  # the rest ran; no metric row for the failure
+    assert pd.read_csv(out / "failures.csv")["shots"].tolist() == [1]
+    monkeypatch.setattr(models, "loss_fn", real)
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))  # a rerun does the failed cell only
+    assert sorted(pd.read_csv(out / "results.csv")["shots"]) == [1, 2]
+
+
+def test_ctrl_c_keeps_finished_rows(tmp_path):
+    data = make_dataset(tmp_path / "tb", n_train=15)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fewshot.py"), "--data", str(data), "--out", str(out),
+                             "--shots", "1", "--seeds", "0", "1", "2", "--steps", "30"]
+                            + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("eval "):  # the first run is recorded
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130) and err.strip() == ""
+    if proc.returncode == 130:
+        assert rest.strip().splitlines()[-1].startswith("stopped by SIGINT")
+    assert len(pd.read_csv(out / "results.csv")) >= 1
+
+
 # ----------------------------------------------------------------------------------------
 # Command line
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "DATA", "--shots", "100"], "100 shots need 100 training examples of class 'a'"),
+    (["--data", "DATA", "--seeds", "0", "-1"], "seeds must be >= 0"),
     (["--data", "DATA", "--shots", "abc"], "shots must be a count or 'full'"),
     (["--data", "DATA", "--shots", "-1"], "shots must be >= 0"),
     (["--summarize", "/nonexistent/run"], "no results file"),

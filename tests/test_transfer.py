@@ -1,8 +1,10 @@
 """transfer.py: BiT-HyperRule, schedules, sampling, evaluation metrics against scikit-learn,
 a tiny end-to-end fine-tuning run with resume-skip, weight loading, and its command line."""
 import json
+import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,13 +79,13 @@ def test_hyperrule_resolution(hw, res):
     assert (rule["resize"], rule["crop"]) == res
 
 
-def test_lr_schedule_matches_bit():
+def test_lr_schedule_decays_at_the_boundary():
     sched, base = [100, 200, 300, 400, 500], 0.003
     assert transfer.lr_at(0, sched, base) == 0.0
     assert transfer.lr_at(50, sched, base) == pytest.approx(0.0015)
-    # BiT decays once the step is strictly past a boundary
-    for step, lr in [(100, base), (200, base), (201, base / 10), (300, base / 10), (301, base / 100),
-                     (401, base / 1000), (499, base / 1000)]:
+    # models.step_lr's convention: the decay takes effect AT the boundary (BiT's code one step later)
+    for step, lr in [(100, base), (199, base), (200, base / 10), (299, base / 10), (300, base / 100),
+                     (400, base / 1000), (499, base / 1000)]:
         assert transfer.lr_at(step, sched, base) == pytest.approx(lr)
     assert transfer.scale_schedule(sched, 60) == [12, 24, 36, 48, 60]
     assert transfer.scale_schedule([500, 3000, 6000, 9000, 10_000], 3)[-1] == 3
@@ -191,9 +193,8 @@ def test_transfer_end_to_end_and_resume_skip(tmp_path, capsys):
     assert json.loads((folder / "args.json").read_text())["data"] == str(data)
     assert (out / "args.json").exists()
     saved = models.load_checkpoint(folder / "model.pt")
-    assert saved["model"]["head.conv.weight"].shape[0] == 3
-    # The head moved away from zero: training happened
-    assert saved["model"]["head.conv.weight"].abs().sum() > 0
+    assert saved["model"]["head.conv.weight"].shape[0] == 3 and saved["input_norm"] == "bit"
+    assert r["input_norm"] == "bit" and r["pipeline"] == "bit"
     # Same command again: skipped, nothing appended
     transfer.main(transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(out),
                                                          "--steps", "3"] + TINY))
@@ -211,17 +212,136 @@ def test_multilabel_target_oversampling_batch_split_mixup(tmp_path):
     assert 0 <= row["auc"] <= 1 and row["seed"] == 1
 
 
-@pytest.mark.skipif(not hasattr(models, "load_weights"), reason="models.load_weights not there yet")
-def test_init_from_own_checkpoint_gets_zero_head(tmp_path):
+@pytest.mark.parametrize("recipe", ["paper", "bit"])
+def test_init_from_own_checkpoint_gets_the_recipes_head(tmp_path, recipe):
     src = models.create_model("R14x1", 5)
     torch.nn.init.normal_(src.head.conv.weight)
     path = tmp_path / "pre" / "model.pt"
     path.parent.mkdir()
     models.save_checkpoint(str(path), src, step=7)
-    args = transfer.get_args_parser().parse_args(["--data", "x", "--init", str(path), "--model", "R14x1"])
-    model = transfer.init_model(args, 3)
-    assert torch.equal(model.root.conv.weight, src.root.conv.weight)
-    assert model.head.conv.weight.shape[0] == 3 and model.head.conv.weight.abs().sum() == 0
+    args = transfer.get_args_parser().parse_args(["--data", "x", "--init", str(path), "--model", "R14x1",
+                                                  "--recipe", recipe])
+    model, norm = transfer.init_model(args, 3)
+    assert torch.equal(model.root.conv.weight, src.root.conv.weight) and norm == "bit"
+    w, b = model.head.conv.weight, model.head.conv.bias
+    assert w.shape[0] == 3
+    if recipe == "bit":  # BiT: zero head
+        assert w.abs().sum() == 0 and b.abs().sum() == 0
+    else:  # the paper: PyTorch's default Conv2d init, uniform in +-1/sqrt(fan_in) (weight and bias)
+        bound = 1 / math.sqrt(w.shape[1])
+        assert w.abs().max() <= bound and b.abs().max() <= bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_agc_finetune_step_matches_the_formula():
+    """One step of the paper's recipe (SGD Nesterov 0.9 + AGC 0.01 / 1e-3, classifier weight
+    not clipped) against the update computed by hand."""
+    torch.manual_seed(0)
+    model = models.create_model("R14x1", 3)
+    x, y = torch.randn(4, 3, 16, 16), torch.eye(3)[[0, 1, 2, 0]]
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    models.loss_fn(model(x), y, False).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    cfg = transfer.settings(transfer.get_args_parser().parse_args(["--data", "x"]), 100, (224, 224))
+    assert cfg["agc"] and cfg["nesterov"] and cfg["lr"] == 0.001 and cfg["batch_size"] == 128
+    optimizer, clip = transfer.make_optimizer(model, cfg)
+    lr = 0.5
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    models.train_step(model, optimizer, [(x, y)], False, torch.device("cpu"), clip=clip)
+    clipped = 0
+    for name, p in model.named_parameters():
+        g, w = grads[name], ref[name]
+        rows = (g.reshape(1, -1), w.reshape(1, -1)) if g.ndim <= 1 else (g.flatten(1), w.flatten(1))
+        g_norm, w_norm = rows[0].norm(dim=1), rows[1].norm(dim=1)
+        limit = 0.01 * torch.clamp(w_norm, min=1e-3)
+        scale = torch.where(g_norm > limit, limit / g_norm, torch.ones_like(g_norm))
+        if name == "head.conv.weight":
+            scale = torch.ones_like(scale)
+        clipped += int((scale < 1).sum())
+        step = (rows[0] * scale[:, None]).reshape(g.shape) * 1.9  # Nesterov, first step: g + 0.9 g
+        assert torch.allclose(p.detach(), w - lr * step, atol=1e-6), name
+    assert clipped > 0
+    bit = transfer.settings(transfer.get_args_parser().parse_args(["--data", "x", "--recipe", "bit"]), 100, (9, 9))
+    assert transfer.make_optimizer(model, bit)[1] is None and not bit["nesterov"] and bit["batch_size"] == 512
+
+
+def test_chest_pipeline_settings_and_run(tmp_path):
+    parser = transfer.get_args_parser()
+    chest = transfer.settings(parser.parse_args(["--data", "x", "--pipeline", "chest"]), 100, (2000, 2000))
+    assert (chest["resize"], chest["crop"], chest["schedule"][-1]) == (224, 224, 500)
+    assert chest["augment"] == {"translate": 0.25, "scale": 0.1, "rotate": 45.0}
+    bit = transfer.settings(parser.parse_args(["--data", "x", "--pipeline", "bit"]), 100, (2000, 2000))
+    assert (bit["resize"], bit["crop"], bit["augment"]) == (512, 480, {})
+    assert transfer.long_cpu_run_note("cpu", bit).startswith("note: 500 steps of batch 128 at 480 px")
+    assert transfer.long_cpu_run_note("cuda", bit) is None
+    data = make_dataset(tmp_path / "px")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "pipeline": "chest"}))
+    row = transfer.main(parser.parse_args(["--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2"]
+                                          + TINY))
+    assert row["pipeline"] == "chest" and row["headline"] == "auc" and row["input_norm"] == "bit"
+
+
+def test_nonfinite_loss_is_a_failure_not_a_row(tmp_path, capsys, monkeypatch):
+    data = make_dataset(tmp_path / "tb")
+    monkeypatch.setattr(models, "loss_fn", lambda logits, y, multilabel: logits.sum() * float("nan"))
+    with pytest.raises(SystemExit) as exc:
+        transfer.main(transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(tmp_path / "o"),
+                                                             "--steps", "3"] + TINY))
+    assert exc.value.code == 1
+    assert re.search(r"^failed method=finetune .*NonFiniteLoss: non-finite loss", capsys.readouterr().out, re.M)
+    assert not (tmp_path / "o" / "results.csv").exists()
+    failures = pd.read_csv(tmp_path / "o" / "failures.csv")
+    assert len(failures) == 1 and "non-finite" in failures["reason"][0]
+
+
+def test_results_keys_read_back_as_text_and_default_source_is_the_path(tmp_path):
+    path = str(tmp_path / "results.csv")
+    for source in ["NA", "007", "7"]:
+        key = {"method": "finetune", "source": source, "model": "R14x1", "target": "t", "shots": 0, "seed": 0}
+        assert transfer.append_row(path, {**key, "accuracy": 0.5}, transfer.RESULT_COLUMNS, key)
+    assert not transfer.append_row(path, {**key, "accuracy": 0.9}, transfer.RESULT_COLUMNS, key)  # taken
+    assert transfer.read_table(path)["source"].tolist() == ["NA", "007", "7"]
+    row = transfer.find_result(path, {**key, "source": "007"})
+    assert row["source"] == "007" and row["accuracy"] == 0.5
+    a, b = transfer.default_source(str(tmp_path / "w" / "a.pt")), transfer.default_source(str(tmp_path / "w" / "b.pt"))
+    assert a != b and a.endswith(os.path.join("w", "a.pt"))
+    assert transfer.default_source("runs/x/model.pt") == os.path.join("runs", "x", "model.pt")
+
+
+def _append_many(path, worker):
+    for i in range(15):
+        key = {"method": "m", "source": f"w{worker}", "model": "R14x1", "target": "t", "shots": i, "seed": 0}
+        transfer.append_row(path, {**key, "accuracy": i}, transfer.RESULT_COLUMNS, key)
+
+
+def test_concurrent_appends_lose_no_row(tmp_path):
+    import multiprocessing
+    path = str(tmp_path / "results.csv")
+    procs = [multiprocessing.get_context("fork").Process(target=_append_many, args=(path, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert len(transfer.read_table(path)) == 45
+
+
+def test_sigterm_stops_with_one_line(tmp_path):
+    data = make_dataset(tmp_path / "tb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "transfer.py"), "--data", str(data), "--out",
+                             str(tmp_path / "o"), "--steps", "100000"] + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in out and err.strip() == ""
+    assert not (tmp_path / "o" / "results.csv").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,6 +355,10 @@ def test_init_from_own_checkpoint_gets_zero_head(tmp_path):
     (["--data", "DATA", "--batch-size", "3", "--batch-split", "2", "--steps", "1"], "not divisible"),
     (["--data", "DATA", "--model", "R999x9"], "invalid choice"),
     (["--data", "DATA", "--steps", "0"], "at least 1"),
+    (["--data", "DATA", "--seed", "-1"], "seeds must be >= 0"),
+    (["--data", "DATA", "--device", "cuda"] if not torch.cuda.is_available() else ["--data", "DATA", "--device", "bogus"],
+     "no CUDA GPU" if not torch.cuda.is_available() else "is not a device"),
+    (["--data", "DATA", "--init", "."], "is a folder"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
     data = make_dataset(tmp_path / "d")
