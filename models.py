@@ -7,10 +7,11 @@ checkpoints released with Cherti & Jitsev (arXiv 2106.00116) load without renami
 
     import models
     model = models.create_model("R50x1", num_classes=7)
-    models.load_weights(model, "BiT-M-R50x1.npz")          # head replaced by a zero head
+    norm = models.load_weights(model, "BiT-M-R50x1.npz")   # head replaced by a zero head
+    x = models.to_model_input(uint8_batch, 224, norm=norm)  # "bit": [-1, 1]; or ImageNet mean/std
 
-Inputs are RGB in [-1, 1] (BiT's convention); `to_model_input` does the conversion from
-the uint8 batches that prepare_data.py produces.
+Three parts, each under one divider: the network (depends on nothing below), the weight
+formats, and the training machinery shared by the scripts.
 """
 import argparse
 import contextlib
@@ -31,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+
 class UserError(ValueError):
     """Bad input from the user (unknown model, missing file, bad CSV): one line, exit 2."""
-
 
 
 # ========================================================================================
@@ -79,6 +80,9 @@ class GroupNorm(nn.GroupNorm):
 
     fused = True  # False: the formula as written below; both give the same
 
+    def __init__(self, num_groups, num_channels, eps=GN_EPS):
+        super().__init__(num_groups, num_channels, eps=eps)
+
     def forward(self, x):
         if not self.fused:
             n, c = x.shape[:2]
@@ -89,9 +93,6 @@ class GroupNorm(nn.GroupNorm):
         # PyTorch's fused kernel: one pass over the activations forward and backward instead
         # of one per op (bench/bench_models.py times both, eager and compiled).
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-    def __init__(self, num_groups, num_channels, eps=GN_EPS):
-        super().__init__(num_groups, num_channels, eps=eps)
 
 
 def conv3x3(cin, cout, stride=1):

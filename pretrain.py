@@ -481,8 +481,8 @@ class Meter:
 def agree(run, flags):
     """Each flag True on every rank if it is True on any (one CPU all-reduce)."""
     if run.agree_group is None:
-        return flags
-    t = torch.tensor([int(f) for f in flags])
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags])
     dist.all_reduce(t, group=run.agree_group)
     return [bool(v) for v in t.tolist()]
 
