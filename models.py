@@ -7,10 +7,11 @@ checkpoints released with Cherti & Jitsev (arXiv 2106.00116) load without renami
 
     import models
     model = models.create_model("R50x1", num_classes=7)
-    models.load_weights(model, "BiT-M-R50x1.npz")          # head replaced by a zero head
+    norm = models.load_weights(model, "BiT-M-R50x1.npz")   # head replaced by a zero head
+    x = models.to_model_input(uint8_batch, 224, norm=norm)  # "bit": [-1, 1]; or ImageNet mean/std
 
-Inputs are RGB in [-1, 1] (BiT's convention); `to_model_input` does the conversion from
-the uint8 batches that prepare_data.py produces.
+Three parts, each under one divider: the network (depends on nothing below), the weight
+formats, and the training machinery shared by the scripts.
 """
 import argparse
 import contextlib
@@ -31,44 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------
-# Command lines: every script reports bad input as one line and exits with status 2
 
 class UserError(ValueError):
     """Bad input from the user (unknown model, missing file, bad CSV): one line, exit 2."""
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" to each flag's help unless the help already says it."""
-
-    def _get_help_string(self, action):
-        if "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and one-line errors (no usage dump)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def run_cli(main, parser, argv=None):
-    """Parse argv and run main(args); a UserError or missing file becomes a one-line error."""
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except (UserError, FileNotFoundError) as e:
-        parser.error(str(e))
-
-
-# ----------------------------------------------------------------------------------------
-# Network
+# ========================================================================================
+# Network: BiT ResNet-v2 (depends on nothing below)
+# ========================================================================================
 
 WS_EPS = 1e-10  # Weight Standardization eps of the official BiT code (TF and PyTorch)
 GN_EPS = 1e-5   # GroupNorm eps of the official BiT code (tf.contrib / nn.GroupNorm default)
@@ -78,7 +49,7 @@ GN_GROUPS = 32
 class StdConv2d(nn.Conv2d):
     """Conv2d with Weight Standardization: each output filter is normalised to zero mean
     and unit (biased) variance over (in, kh, kw) before the convolution,
-    w' = (w - mean) / sqrt(var + 1e-10). The stored weight is the raw one, as in the
+    w' = (w - mean) / sqrt(var + WS_EPS). The stored weight is the raw one, as in the
     official checkpoints.
 
     timm's StdConv2d for BiT uses eps 1e-8 instead of 1e-10; that is the only numerical
@@ -87,29 +58,41 @@ class StdConv2d(nn.Conv2d):
     (1 / (3 fan_in), fan_in <= 4608) and larger in trained BiT weights, so <= 1e-4 relative,
     below what the weights were trained to resolve; random-init R101 logits differ by ~1e-4."""
 
+    fused = True  # False: the formula as written below (BiT's two lines); both give the same
+
     def forward(self, x):
-        # batch_norm in training mode over the view (1, out, in*kh*kw) is exactly WS: one
-        # "channel" per filter, biased variance, eps inside the sqrt, no affine. It runs as
-        # one fused kernel forward and backward (as timm does): measured 6x faster on CPU
-        # (fwd + bwd, 2048x512 filter) than var_mean, sub and mul with autograd through each.
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                         training=True, momentum=0.0, eps=WS_EPS).reshape_as(self.weight)
+        if not self.fused:
+            var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            w = (self.weight - mean) / torch.sqrt(var + WS_EPS)
+        else:
+            # The same formula as one kernel forward and one backward: batch_norm in training
+            # mode over the (1, out, in*kh*kw) view has one "channel" per filter, biased
+            # variance, eps inside the sqrt (bench/bench_models.py times both).
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                             training=True, momentum=0.0, eps=WS_EPS).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm as BiT uses it: statistics per (sample, group of 32) over (channels of the
-    group, H, W), biased variance, eps 1e-5, then a per-channel affine transform:
-    y = (x - mean) / sqrt(var + eps) * weight + bias. Parameters `weight` and `bias`.
+    """GroupNorm as BiT uses it: statistics per (sample, group of GN_GROUPS channels) over
+    the group's channels and H, W; biased variance; eps GN_EPS; then a per-channel affine
+    transform. Parameters `weight` and `bias` (nn.GroupNorm's names)."""
 
-    It runs PyTorch's fused group_norm kernel. Written out in torch ops (var_mean plus one
-    folded scale/shift, or a torch.autograd.Function with the closed-form backward, or
-    batch_norm on the (1, N*G, -1) view plus the affine) it measured 2-10x slower forward +
-    backward on CPU (fp32 and bf16, NCHW and channels_last), since each extra op is another
-    full pass over the activations. tests/test_models.py checks it against the formula."""
+    fused = True  # False: the formula as written below; both give the same
 
     def __init__(self, num_groups, num_channels, eps=GN_EPS):
         super().__init__(num_groups, num_channels, eps=eps)
+
+    def forward(self, x):
+        if not self.fused:
+            n, c = x.shape[:2]
+            g = x.float().reshape(n, self.num_groups, -1)  # statistics in fp32 as the kernel's
+            var, mean = torch.var_mean(g, dim=-1, keepdim=True, unbiased=False)
+            y = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape).to(x.dtype)
+            return y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        # PyTorch's fused kernel: one pass over the activations forward and backward instead
+        # of one per op (bench/bench_models.py times both, eager and compiled).
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def conv3x3(cin, cout, stride=1):
@@ -207,8 +190,27 @@ def create_model(name, num_classes):
     return ResNetV2(ARCHS[depth], int(wf), num_classes)
 
 
-# ----------------------------------------------------------------------------------------
-# Weight import/export: Google's BiT .npz, the paper's model.pth.tar, timm, our checkpoints
+# ========================================================================================
+# Weight formats: Google's BiT .npz, the paper's model.pth.tar, timm, our checkpoints
+# ========================================================================================
+
+def unwrap(model):
+    """The bare module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# Input normalisation a set of weights was trained with: (mean, std) per RGB channel of the
+# image in [0, 1]. "bit": (x - 0.5) / 0.5 = [-1, 1], Google's BiT and the paper's chest
+# sources; "imagenet": the paper's own ImageNet-1k/21k checkpoints (torchvision's statistics).
+INPUT_NORMS = {"bit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
 
 # Parameters of one bottleneck unit: our name -> the official BiT (TF) scope inside the unit.
 _BIT_UNIT = {"gn1": "a/group_norm", "conv1": "a/standardized_conv2d", "gn2": "b/group_norm",
@@ -390,139 +392,46 @@ def load_weights(model, path, keep_head=False, input_norm=None):
     return input_norm or file_norm or "bit"
 
 
+
+
+# ========================================================================================
+# Training machinery: CLI errors, distributed, checkpoints, data loading, steps, metrics
+# ========================================================================================
+
 # ----------------------------------------------------------------------------------------
-# Device-side input pipeline: uint8 NHWC batches in, model-ready float NCHW out
+# Command lines: every script reports bad input as one line and exits with status 2
 
-# Input normalisation a set of weights was trained with: (mean, std) per RGB channel of the
-# image in [0, 1]. "bit": (x - 0.5) / 0.5 = [-1, 1], Google's BiT and the paper's chest
-# sources; "imagenet": the paper's own ImageNet-1k/21k checkpoints (torchvision's statistics).
-INPUT_NORMS = {"bit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to each flag's help unless the help already says it."""
 
-
-def to_model_input(images, out_size=None, channels_last=False, norm="bit"):
-    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out), normalised with
-    INPUT_NORMS[norm]. Grayscale is repeated to 3 channels so that natural-image weights apply
-    unchanged (with "imagenet" each channel then gets its own mean / std, as the paper's
-    pipeline did)."""
-    if norm not in INPUT_NORMS:
-        raise UserError(f"unknown input normalisation {norm!r}; choose from {', '.join(INPUT_NORMS)}")
-    x = images.permute(0, 3, 1, 2).float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    # (x / 255 - mean) / std as x / (255 std) - mean / std: for "bit" that is x / 127.5 - 1.
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
-    x = x / (255 * std) - mean / std
-    if out_size is not None and x.shape[-1] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
-def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, hflip=True,
-                  generator=None):
-    """One random affine per image, applied with a single grid_sample: a crop of `crop` of the
-    side at a random place (BiT's resize-then-random-crop), rotation in [-rotate, rotate]
-    degrees, translation up to `translate` of the side, zoom in [1-scale, 1+scale] and a
-    horizontal flip with probability 1/2. Outside the image is filled with -1 (black)."""
-    n, dev = x.shape[0], x.device
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and one-line errors (no usage dump)."""
 
-    def uniform(lo, hi):
-        return torch.rand(n, generator=generator, device=generator.device if generator else "cpu"
-                          ).to(dev) * (hi - lo) + lo
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
-    angle = uniform(-rotate, rotate) * (math.pi / 180)
-    zoom = uniform(1 - scale, 1 + scale)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
-    # theta maps output coordinates to input coordinates in [-1, 1] units.
-    s = crop / zoom
-    cos, sin = torch.cos(angle) * s, torch.sin(angle) * s
-    tx = uniform(-(1 - crop), 1 - crop) + uniform(-2 * translate, 2 * translate)
-    ty = uniform(-(1 - crop), 1 - crop) + uniform(-2 * translate, 2 * translate)
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
-                         torch.stack([sin * flip, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), (n, x.shape[1], out_size, out_size), align_corners=False)
-    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_cli(main, parser, argv=None):
+    """Parse argv and run main(args); a UserError or missing file becomes a one-line error."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except (UserError, FileNotFoundError) as e:
+        parser.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------
-# Loss and metrics
-
-def loss_fn(logits, targets, multilabel):
-    """Multi-label: binary cross-entropy averaged over the known entries (NaN = unknown,
-    masked). Single-label: cross-entropy against the target distribution (one-hot, or
-    mixed by MixUp)."""
-    logits = logits.float()
-    if multilabel:
-        known = ~torch.isnan(targets)
-        loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")
-        return (loss * known).sum() / known.sum().clamp(min=1)
-    return F.cross_entropy(logits, targets)
-
-
-def roc_auc(scores, labels):
-    """Area under the ROC curve of one binary problem (ties get half credit), NaN when only
-    one class is present. Mann-Whitney U computed from average ranks."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average rank over runs of tied scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def average_precision(scores, labels):
-    """Average precision (area under the step precision-recall curve, as scikit-learn's
-    average_precision_score), NaN without positives."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    if labels.sum() == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each tied run
-    tp = np.cumsum(y)[last]
-    precision = tp / (last + 1)
-    recall = tp / labels.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def column_metric(metric, scores, targets):
-    """metric per label column, skipping unknown (NaN) targets."""
-    out = []
-    for j in range(targets.shape[1]):
-        known = ~np.isnan(targets[:, j])
-        out.append(metric(scores[known, j], targets[known, j] > 0.5))
-    return np.array(out)
-
-
-def scores_from_logits(logits, multilabel):
-    """Per-label probabilities: sigmoid for multi-label, softmax for single-label logits."""
-    logits = np.asarray(logits, np.float64)
-    if multilabel:
-        return 1 / (1 + np.exp(-logits))
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def headline_metrics(logits, targets, multilabel):
-    """The figures logged at evaluation: accuracy (single-label), mean ROC AUC and mean
-    average precision over labels that have both classes."""
-    logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)
-    scores = scores_from_logits(logits, multilabel)
-    out = {} if multilabel else {"accuracy": float((logits.argmax(1) == targets.argmax(1)).mean())}
-    out["auc"] = float(np.nanmean(column_metric(roc_auc, scores, targets)))
-    out["map"] = float(np.nanmean(column_metric(average_precision, scores, targets)))
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# Distributed setup, rank-0 helpers, checkpoints
+# Distributed setup and rank-0 helpers
 
 class DistEnv:
     """What torchrun told this process: rank, local rank, world size, and its device."""
@@ -633,16 +542,8 @@ def save_args(folder, args, name="args.json"):
     os.replace(f"{path}.tmp", path)
 
 
-def unwrap(model):
-    """The bare module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
+# ----------------------------------------------------------------------------------------
+# Checkpoints
 
 def save_checkpoint(path, model, optimizer=None, scaler=None, step=0, args=None, extra=None):
     """Bare-module weights plus whatever is needed to resume, written to a temp file and
@@ -660,8 +561,16 @@ def save_checkpoint(path, model, optimizer=None, scaler=None, step=0, args=None,
 
 
 def load_checkpoint(path):
-    """A checkpoint as a dict of tensors and plain values; never executes pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint as a dict of tensors and plain values; never executes pickled code. A
+    truncated, foreign or unsafe file is a one-line UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        raise UserError(f"{path}: not a checkpoint that can be read ({type(e).__name__}); it may be "
+                        "truncated or of another program") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint (a {type(state).__name__}, not a dict)")
+    return state
 
 
 def rng_state():
@@ -686,6 +595,9 @@ def restore_rng(state):
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
 
+
+# ----------------------------------------------------------------------------------------
+# Data loading: order and sharding, the loader, the device-side input pipeline
 
 # Data order and sharding: a function of (seed, epoch, global batch) only, so that any split
 # of the global batch over ranks and accumulation steps trains on the same micro-batches.
@@ -750,6 +662,65 @@ def batch_loader(dataset, batch_sampler, workers, device):
         dataset, batch_sampler=batch_sampler, collate_fn=_whole_batch, num_workers=workers,
         pin_memory=torch.device(device).type == "cuda", worker_init_fn=_quiet_stop_signals,
         prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def to_model_input(images, out_size=None, channels_last=False, norm="bit"):
+    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out), normalised with
+    INPUT_NORMS[norm]. Grayscale is repeated to 3 channels so that natural-image weights apply
+    unchanged (with "imagenet" each channel then gets its own mean / std, as the paper's
+    pipeline did)."""
+    if norm not in INPUT_NORMS:
+        raise UserError(f"unknown input normalisation {norm!r}; choose from {', '.join(INPUT_NORMS)}")
+    x = images.permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    # (x / 255 - mean) / std as x / (255 std) - mean / std: for "bit" that is x / 127.5 - 1.
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
+    x = x / (255 * std) - mean / std
+    if out_size is not None and x.shape[-1] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, hflip=True,
+                  crop_area=None, padding="zeros", generator=None):
+    """One random affine per image, applied with a single grid_sample: a crop of `crop` of the
+    side at a random place (BiT's resize-then-random-crop), or with crop_area=(lo, hi) a crop
+    of a random share of the area in [lo, hi] and aspect ratio in [3/4, 4/3] (torchvision's
+    RandomResizedCrop, clamped to the image instead of re-drawn); rotation in [-rotate, rotate]
+    degrees, translation up to `translate` of the side, zoom in [1-scale, 1+scale] and a
+    horizontal flip with probability 1/2. Outside the image: padding="zeros" fills black (-1
+    for [-1, 1] inputs); "reflection" mirrors the image at its border, as albumentations'
+    ShiftScaleRotate does by default. (That one is cv2's BORDER_REFLECT_101, which mirrors
+    about the edge pixel's centre; grid_sample mirrors about the pixel's outer edge, cv2's
+    BORDER_REFLECT, so the mirrored part sits half a pixel further out: below what a
+    45-degree rotation and bilinear resampling resolve.)"""
+    n, dev = x.shape[0], x.device
+
+    def uniform(lo, hi):
+        return torch.rand(n, generator=generator, device=generator.device if generator else "cpu"
+                          ).to(dev) * (hi - lo) + lo
+
+    angle = uniform(-rotate, rotate) * (math.pi / 180)
+    zoom = uniform(1 - scale, 1 + scale)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    if crop_area is None:
+        width = height = torch.full((n,), float(crop), device=dev)
+    else:
+        area, ratio = uniform(*crop_area), torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    # theta maps output coordinates to input coordinates in [-1, 1] units.
+    sx, sy = width / zoom, height / zoom
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    tx = uniform(0, 1) * 2 * (1 - width) - (1 - width) + uniform(-2 * translate, 2 * translate)
+    ty = uniform(0, 1) * 2 * (1 - height) - (1 - height) + uniform(-2 * translate, 2 * translate)
+    theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1),
+                         torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), (n, x.shape[1], out_size, out_size), align_corners=False)
+    if padding == "reflection":
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -843,4 +814,81 @@ def gather_in_order(array, world_size):
     out = np.empty((n,) + array.shape[1:], array.dtype)
     for r, p in enumerate(parts):
         out[r::world_size] = p
+    return out
+
+
+
+# ----------------------------------------------------------------------------------------
+# Loss and metrics
+
+def loss_fn(logits, targets, multilabel):
+    """Multi-label: binary cross-entropy averaged over the known entries (NaN = unknown,
+    masked). Single-label: cross-entropy against the target distribution (one-hot, or
+    mixed by MixUp)."""
+    logits = logits.float()
+    if multilabel:
+        known = ~torch.isnan(targets)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")
+        return (loss * known).sum() / known.sum().clamp(min=1)
+    return F.cross_entropy(logits, targets)
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve of one binary problem (ties get half credit), NaN when only
+    one class is present. Mann-Whitney U computed from average ranks."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average rank over runs of tied scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(scores, labels):
+    """Average precision (area under the step precision-recall curve, as scikit-learn's
+    average_precision_score), NaN without positives."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if labels.sum() == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each tied run
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / labels.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def column_metric(metric, scores, targets):
+    """metric per label column, skipping unknown (NaN) targets."""
+    out = []
+    for j in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        out.append(metric(scores[known, j], targets[known, j] > 0.5))
+    return np.array(out)
+
+
+def scores_from_logits(logits, multilabel):
+    """Per-label probabilities: sigmoid for multi-label, softmax for single-label logits."""
+    logits = np.asarray(logits, np.float64)
+    if multilabel:
+        return 1 / (1 + np.exp(-logits))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def headline_metrics(logits, targets, multilabel):
+    """The figures logged at evaluation: accuracy (single-label), mean ROC AUC and mean
+    average precision over labels that have both classes."""
+    logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)
+    scores = scores_from_logits(logits, multilabel)
+    out = {} if multilabel else {"accuracy": float((logits.argmax(1) == targets.argmax(1)).mean())}
+    out["auc"] = float(np.nanmean(column_metric(roc_auc, scores, targets)))
+    out["map"] = float(np.nanmean(column_metric(average_precision, scores, targets)))
     return out

@@ -7,8 +7,9 @@ GPU (one short run; prints the fraction of the GPU's peak bf16 FLOP/s reached to
     python bench/bench_models.py --device cuda --size 224 --batch 64 --dtype bf16
 
 Rows: training step (forward, backward, SGD step) and inference, images/s, for ours and timm,
-and ours/timm; then what channels_last and torch.compile give for ours; then GroupNorm
-forward + backward (models.GroupNorm, nn.GroupNorm, and GroupNorm written out in torch ops).
+and ours/timm; then what channels_last and torch.compile give for ours; then GroupNorm and
+Weight Standardization forward + backward, models.py's fused path against the written-out
+formula (`.fused = False`), eager and under torch.compile.
 Timings are the best of --repeats, ours and timm interleaved, so that load from other
 processes hits both alike. Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the
 peak RSS growth of a fresh subprocess per configuration while it runs two steps.
@@ -21,7 +22,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -163,47 +163,54 @@ def in_subprocess(cfg, timeout):
     return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
 
-def gn_written_out(x, gn):
-    """GroupNorm in torch ops, with autograd through each (the formulation we measured)."""
-    n, c, g = x.shape[0], x.shape[1], gn.num_groups
-    var, mean = torch.var_mean(x.reshape(n, g, -1), dim=2, keepdim=True, unbiased=False)
-    scale = (gn.weight.view(1, g, c // g) * torch.rsqrt(var + gn.eps)).reshape(n, c)
-    shift = gn.bias.view(1, c) - (mean * scale.view(n, g, c // g)).reshape(n, c)
-    return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
-
-
-def bench_group_norm(args, device):
-    print("\nGroupNorm forward + backward, ms (best of 10; batch {}, 32 groups)".format(args.batch))
-    print(f"{'shape':>18} {'format':>13} {'dtype':>5} {'models.GroupNorm':>16} {'nn.GroupNorm':>13} "
-          f"{'written out':>12} {'ours/nn speed':>14}")
+def bench_norms(args, device):
+    """Forward + backward of GroupNorm (activations of R50 stages) and of Weight
+    Standardization (the kernel alone, as the conv sees it), fused vs written out."""
+    print(f"\nGroupNorm / Weight Standardization forward + backward, ms (best of 10; batch "
+          f"{args.batch}); compiled = torch.compile of the same module")
+    print(f"{'norm':>4} {'shape':>20} {'format':>13} {'dtype':>5} {'fused':>9} {'written':>9} "
+          f"{'fused c.':>9} {'written c.':>10} {'written/fused eager':>19} {'compiled':>9}")
     side = args.size // 4
-    for c, s in [(256, side), (512, side // 2), (2048, side // 8)]:
-        for fmt in ["NCHW", "channels_last"]:
+    cases = [("gn", (args.batch, c, s, s)) for c, s in [(256, side), (512, side // 2), (2048, side // 8)]]
+    cases += [("ws", shape) for shape in [(256, 64, 1, 1), (128, 128, 3, 3), (2048, 1024, 1, 1)]]
+    for norm, shape in cases:
+        for fmt in ["NCHW", "channels_last"] if norm == "gn" else ["-"]:
             for dtype in args.dtype:
-                x = torch.randn(args.batch, c, s, s, device=device)
-                if dtype == "bf16":
-                    x = x.bfloat16()  # what a GroupNorm sees after a conv under bf16 autocast
-                if fmt == "channels_last":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ours = models.GroupNorm(32, c).to(device)
-                ref = nn.GroupNorm(32, c).to(device)
-                fns = [ours, ref, lambda t: gn_written_out(t, ours)]
-                best = [float("inf")] * 3
+                torch._dynamo.reset()  # each case compiles afresh (no recompile limit across shapes)
+                mods = []
+                for fused in (True, False):
+                    if norm == "gn":
+                        m = models.GroupNorm(models.GN_GROUPS, shape[1]).to(device)
+                    else:
+                        m = models.StdConv2d(shape[1], shape[0], shape[2], bias=False).to(device)
+                    m.fused = fused
+                    mods.append(m)
+                fns = mods + ([] if args.no_compile else [torch.compile(m) for m in mods])
+                if norm == "gn":
+                    x = torch.randn(shape, device=device)
+                    if dtype == "bf16":
+                        x = x.bfloat16()  # what a GroupNorm sees after a conv under bf16 autocast
+                    if fmt == "channels_last":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                else:  # the conv on a tiny input: the time is WS's, the conv's is the same for both
+                    x = torch.randn(1, shape[1], shape[2], shape[3], device=device)
+                best = [float("inf")] * len(fns)
                 cfg = {"device": args.device}
                 for r in range(12):
-                    for i in [(r + k) % 3 for k in range(3)]:  # rotate the order: no position bias
-                        fn = fns[i]
-                        xx = x.detach().requires_grad_()
+                    for i in [(r + k) % len(fns) for k in range(len(fns))]:  # rotate: no position bias
+                        xx = x.detach().requires_grad_(norm == "gn")
 
                         def step():
                             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                                out = fn(xx)
-                            out.backward(torch.ones_like(out))
+                                out = fns[i](xx)
+                            out.float().sum().backward()
                         t = timed(step, cfg)
                         if r >= 2:
                             best[i] = min(best[i], t)
-                print(f"{str((args.batch, c, s, s)):>18} {fmt:>13} {dtype:>5} {best[0] * 1e3:16.2f} "
-                      f"{best[1] * 1e3:13.2f} {best[2] * 1e3:12.2f} {best[1] / best[0]:14.2f}")
+                ms = [f"{b * 1e3:9.2f}" for b in best] + [f"{'-':>9}"] * (4 - len(best))
+                ratio_c = f"{best[3] / best[2]:9.2f}" if len(best) == 4 else f"{'-':>9}"
+                print(f"{norm:>4} {str(shape):>20} {fmt:>13} {dtype:>5} {ms[0]} {ms[1]} {ms[2]} "
+                      f"{ms[3]:>10} {best[1] / best[0]:19.2f} {ratio_c}", flush=True)
 
 
 def main(args):
@@ -263,7 +270,7 @@ def main(args):
                           f"{'':>10} {res['mem']:9.0f}", flush=True)
                 else:
                     print(f"{mode:>6} {dtype:>5} {'ours torch.compile':>22} {err}", flush=True)
-    bench_group_norm(args, device)
+    bench_norms(args, device)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,10 @@ def main():
                                         a.batch_size * (2 * a.warmup + 2 * a.steps),
                                         a.source_size or a.image_size * 8 // 7)
     # pretrain's own settings (augmentation, seeds), so the measured pipeline is the real one
-    args = pretrain.get_args_parser().parse_args(
+    args = pretrain.resolve_recipe(pretrain.get_args_parser().parse_args(
         ["--data", data, "--out", tmp.name, "--image-size", str(a.image_size), "--dtype", a.dtype,
          "--batch-size", str(a.batch_size), "--workers", str(a.workers)]
-        + ["--channels-last"] * a.channels_last)
+        + ["--channels-last"] * a.channels_last))
     dataset = pretrain.SourceDataset([data], None)
     torch.manual_seed(0)
     model = models.create_model(a.model, len(dataset.labels)).to(

@@ -78,7 +78,6 @@ def test_group_norm_formula_fp32_and_channels_last(channels_last):
     y = gn(x)
     ref = group_norm_formula(x, gn.weight.detach(), gn.bias.detach(), 32)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, F.group_norm(x.contiguous(), 32, gn.weight, gn.bias, 1e-5))
     # gradient of the module equals the gradient of the formula
     xr = x.detach().double().requires_grad_()
     g = torch.randn(x.shape, dtype=torch.double)
@@ -86,6 +85,33 @@ def test_group_norm_formula_fp32_and_channels_last(channels_last):
     xo = x.detach().requires_grad_()
     gn(xo).backward(g.float())
     torch.testing.assert_close(xo.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["gn", "ws"])
+def test_fused_and_written_out_paths_agree(norm):
+    """The fast path of each normalisation (fused kernel) and its written-out formula give the
+    same output and the same gradients of input and parameters."""
+    torch.manual_seed(0)
+    if norm == "gn":
+        module = randomize_norms(models.GroupNorm(32, 64))
+        x = (torch.randn(3, 64, 7, 5) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    else:
+        module = models.StdConv2d(16, 8, kernel_size=3, padding=1, bias=False)
+        with torch.no_grad():
+            module.weight.mul_(torch.rand(8, 1, 1, 1) * 5).add_(0.3)
+        x = torch.randn(2, 16, 9, 9)
+    g = torch.randn(module(x).shape)
+    results = []
+    for fused in (True, False):
+        module.fused = fused
+        xx = x.detach().requires_grad_()
+        module.zero_grad()
+        y = module(xx)
+        y.backward(g)
+        results.append((y.detach(), xx.grad, module.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert results[0][2].abs().sum() > 0
 
 
 def test_group_norm_bf16_autocast():
@@ -289,6 +315,57 @@ def test_logits_equal_timm(ours_name, timm_name, tmp_path):
     torch.testing.assert_close(logits(back, x), a, rtol=0, atol=0)
 
 
+def test_input_normalisation_of_each_weights_format(tmp_path):
+    """Google's .npz and timm: [-1, 1]; ours: what the checkpoint records; the paper's
+    model.pth.tar: ImageNet mean / std in an imagenet folder (or config), else [-1, 1]; a bare
+    state dict does not say (load_weights then assumes [-1, 1] unless told)."""
+    src = small(num_classes=5)
+    state = src.state_dict()
+    models.export_bit_npz(src, tmp_path / "BiT-M-R14x1.npz")
+    torch.save(models.to_timm_state_dict(state), tmp_path / "timm.pth")
+    models.save_checkpoint(str(tmp_path / "ours.pt"), src, extra={"input_norm": "imagenet"})
+    paper = {"model": {"module." + k: v for k, v in state.items()}, "optimizer": {}, "epoch": 90}
+    for folder in ("imagenet1k_bit50x1", "chexpert_mimic_nih_padchest_bit50x1", "run"):
+        (tmp_path / folder).mkdir()
+        torch.save(paper, tmp_path / folder / "model.pth.tar")
+    (tmp_path / "run" / "config.yaml").write_text("dataset: imagenet21k\nmodel: bit_pretrained_resnet50x1\n")
+    torch.save(state, tmp_path / "bare.pt")
+    expected = {"BiT-M-R14x1.npz": "bit", "timm.pth": "bit", "ours.pt": "imagenet",
+                "imagenet1k_bit50x1/model.pth.tar": "imagenet",
+                "chexpert_mimic_nih_padchest_bit50x1/model.pth.tar": "bit",
+                "run/model.pth.tar": "imagenet", "bare.pt": None}
+    for name, norm in expected.items():
+        assert models.read_weights(str(tmp_path / name))[1] == norm, name
+    # what the model is then fed: ImageNet mean / std for the paper's ImageNet file
+    norm = models.load_weights(small(num_classes=5), str(tmp_path / "imagenet1k_bit50x1" / "model.pth.tar"))
+    images = torch.full((1, 4, 4, 1), 255, dtype=torch.uint8)
+    x = models.to_model_input(images, norm=norm)
+    torch.testing.assert_close(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    chest = models.load_weights(small(num_classes=5), str(tmp_path / "chexpert_mimic_nih_padchest_bit50x1" / "model.pth.tar"))
+    assert torch.equal(models.to_model_input(images, norm=chest), torch.ones(1, 3, 4, 4))
+    assert models.load_weights(small(num_classes=5), str(tmp_path / "bare.pt")) == "bit"
+    assert models.load_weights(small(num_classes=5), str(tmp_path / "bare.pt"), input_norm="imagenet") == "imagenet"
+
+
+def test_random_affine_reflection_padding_and_random_resized_crop():
+    ramp = (torch.arange(16.0) / 15).repeat(2, 3, 16, 1)  # columns 0 .. 1, left to right
+    gen = torch.Generator().manual_seed(0)
+    # a shift of up to half the side: zeros fill black (-1); reflection mirrors the image, so
+    # only image values appear, varying outside the image as the mirrored columns do
+    black = models.random_affine(ramp, 16, translate=0.5, hflip=False, generator=gen)
+    gen.manual_seed(0)
+    mirrored = models.random_affine(ramp, 16, translate=0.5, hflip=False, padding="reflection", generator=gen)
+    assert (black == -1).any()
+    assert mirrored.min() >= -1e-6 and mirrored.max() <= 1 + 1e-6
+    outside = mirrored[black == -1]
+    assert outside.min() >= -1e-6 and outside.unique().numel() > 3  # mirrored, not the edge repeated
+    # a random area crop magnifies: neighbouring output columns differ by less than a source column
+    gen.manual_seed(1)
+    crop = models.random_affine(ramp, 16, crop_area=(0.1, 0.3), hflip=False, generator=gen)
+    step = crop[:, 0, 8].diff(dim=-1)
+    assert (step < 1 / 15 - 0.01).all() and (step > 0).all()
+
+
 # ----------------------------------------------------------------------------------------
 # Errors
 
@@ -358,8 +435,9 @@ def test_bench_smoke(capsys):
     assert len(table) == 4
     for r in table:  # mode dtype variant, img/s ours, timm, ratio, MB ours, MB timm, %peak ours, timm
         assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[8].rstrip("%")) > 0
-    gn_rows = [line for line in out.stdout.splitlines() if line.strip().startswith("(2, ")]
-    assert len(gn_rows) == 6 and all(float(line.split()[-1]) > 0 for line in gn_rows)  # GroupNorm table
+    norm_rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["gn"], ["ws"])]
+    assert len(norm_rows) == 9  # GroupNorm: 3 shapes x 2 formats; WS: 3 shapes; fused and written out
+    assert all(float(r[-6]) > 0 and float(r[-5]) > 0 and r[-3] == "-" for r in norm_rows)
     # the per-configuration subprocess measurement (peak memory on CPU), run in-process here
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_models

@@ -20,13 +20,12 @@ import pretrain  # noqa: E402
 from prepare_data import save_prepared  # noqa: E402
 
 TINY = ["--model", "R14x1", "--image-size", "24", "--batch-size", "8", "--warmup-steps", "2",
-        "--dtype", "fp32", "--workers", "0", "--lr", "0.3"]
+        "--dtype", "fp32", "--workers", "0", "--lr", "0.3", "--allow-any-schedule"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-
 def make_prepared(out, n_train=32, n_valid=8, labels=("A", "B", "C"), seed=0, size=24,
-                  task="multilabel"):
+                  task="multilabel", views=("PA",), val_split="valid"):
     rng = np.random.default_rng(seed)
     n = n_train + n_valid
     images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
@@ -36,7 +35,8 @@ def make_prepared(out, n_train=32, n_valid=8, labels=("A", "B", "C"), seed=0, si
     else:
         y = np.eye(len(labels))[rng.integers(0, len(labels), n)]
     table = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
-                          "view": "PA", "split": ["train"] * n_train + ["valid"] * n_valid})
+                          "view": [views[i % len(views)] for i in range(n)],
+                          "split": ["train"] * n_train + [val_split] * n_valid})
     for j, label in enumerate(labels):
         table[label] = y[:, j]
     save_prepared(out, images, table, list(labels), task, name=Path(out).name,
@@ -81,18 +81,57 @@ def wait_for_step(proc, step, lines):
 # ----------------------------------------------------------------------------------------
 # Rules
 
-def test_learning_rate_schedule():
-    lr = lambda step, **kw: pretrain.learning_rate(step, 0.03, 512, 10, 100, **kw)  # noqa: E731
-    assert lr(0, warmup_steps=5) == 0.0
-    assert lr(2, warmup_steps=5) == pytest.approx(0.06 * 2 / 5)
-    assert lr(5, warmup_steps=5) == pytest.approx(0.06)  # lr x batch / 256
-    steps = dict(warmup_steps=0, decay_epochs=(3, 6, 8))
-    assert [lr(s, **steps) for s in (29, 30, 59, 60, 80, 99)] == pytest.approx(
-        [0.06, 0.006, 0.006, 0.0006, 0.00006, 0.00006])
-    cos = dict(warmup_steps=10, schedule="cosine")
-    assert lr(10, **cos) == pytest.approx(0.06)
-    assert lr(55, **cos) == pytest.approx(0.03)
-    assert lr(100, **cos) == pytest.approx(0.0, abs=1e-12)
+def resolved(argv=()):
+    return pretrain.resolve_recipe(pretrain.get_args_parser().parse_args(
+        ["--data", "d", "--out", "o"] + list(argv)))
+
+
+def test_default_recipe_lr_on_64_and_on_1_rank():
+    """The paper's chest recipe on a 667k-image source: global batch 1024 whatever the ranks,
+    lr 0.01 x 1024 / 256 = 0.04, warm-up over 15 epochs from 0.04 / 64, x0.1 at 30, 60, 80."""
+    args = resolved()
+    assert (args.batch_size, args.lr, args.epochs, args.agc, args.image_size) == (1024, 0.01, 90, 0.01, 224)
+    spe = 667_000 // 1024  # 651 optimizer steps per epoch, by hand
+    for world, accum in [(64, 1), (1, 8)]:
+        sampler = models.GlobalBatchSampler(667_000, 1024, world, 0, accum)
+        assert sampler.steps_per_epoch == spe
+        warmup, decays, total = pretrain.schedule_steps(args, sampler.steps_per_epoch)
+        assert (warmup, decays, total) == (15 * 651, [30 * 651, 60 * 651, 80 * 651], 90 * 651)
+        pretrain.check_schedule(warmup, decays, total)  # accepted
+        lr = [pretrain.learning_rate(s, args, warmup, decays)
+              for s in (0, 4882, 9765, 19529, 19530, 39059, 39060, 52079, 52080, 58589)]
+        # 0.04/64 = 0.000625 at step 0; halfway (4882 of 9765): 0.000625 + 0.039375 x 4882 / 9765
+        assert lr == pytest.approx([0.000625, 0.000625 + 0.039375 * 4882 / 9765, 0.04, 0.04, 0.004,
+                                    0.004, 0.0004, 0.0004, 0.00004, 0.00004], rel=1e-12)
+
+
+def test_recipes_and_overrides():
+    bit = resolved(["--recipe", "bit"])
+    assert (bit.batch_size, bit.lr, bit.warmup_steps, bit.warmup_epochs, bit.warmup_from, bit.agc,
+            bit.views) == (4096, 0.03, 5000, None, 0.0, 0.0, None)
+    r50 = resolved(["--recipe", "imagenet1k-r50x1"])
+    assert (r50.batch_size, r50.lr, r50.agc, r50.warmup_epochs, r50.input_norm, r50.crop_area) == (
+        2048, 0.1, 0.0, 5, "imagenet", [0.08, 1.0])
+    assert (resolved(["--recipe", "imagenet1k-r152x4"]).lr, resolved(["--recipe", "imagenet21k"]).warmup_epochs) == (0.03, 2)
+    mine = resolved(["--lr", "0.02", "--warmup-steps", "100", "--decay-steps", "500", "900",
+                     "--views", "all", "--shift", "0.1"])
+    assert (mine.lr, mine.warmup_steps, mine.warmup_epochs, mine.decay_steps, mine.decay_epochs,
+            mine.views, mine.shift, mine.batch_size) == (0.02, 100, None, [500, 900], None, None, 0.1, 1024)
+    assert pretrain.schedule_steps(mine, 7) == (100, [500, 900], 90 * 7)
+    assert pretrain.RECIPES["paper"]["decay_epochs"] == [30, 60, 80]  # the table is not modified
+
+
+def test_refused_schedules(tmp_path, capsys):
+    # BiT's 5000 warm-up steps on a NIH-sized source (19 steps / epoch): never leaves the warm-up
+    with pytest.raises(models.UserError, match=r"warm-up \(5000 steps\) does not end before the "
+                                               r"first lr decay \(step 570\)"):
+        pretrain.check_schedule(5000, [570, 1140, 1520], 1710)
+    with pytest.raises(models.UserError, match=r"never decays before the end of the run \(100 steps; "
+                                               r"decays at steps \[100, 200\]\)"):
+        pretrain.check_schedule(10, [100, 200], 100)
+    with pytest.raises(models.UserError, match="decays at steps none"):
+        pretrain.check_schedule(10, [], 100)
+    pretrain.check_schedule(10, [11], 12)
 
 
 def test_data_order_depends_on_global_batch_only():
@@ -127,6 +166,7 @@ def test_data_order_depends_on_global_batch_only():
 
 
 def test_adaptive_clip_grad_matches_timm():
+    pytest.importorskip("timm")
     from timm.utils.agc import adaptive_clip_grad as timm_agc
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(16) * 1e-4),
@@ -181,7 +221,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(data, tmp_path):
     assert "2 rank(s) x 1 micro-step(s) x 4 images" in out_ddp
     assert "1 rank(s) x 2 micro-step(s) x 4 images" in out_acc
     a, b = weights(tmp_path / "ddp" / "model.pt"), weights(tmp_path / "acc" / "model.pt")
-    torch.manual_seed(0)  # the initialisation of both runs (--seed 0)
+    torch.manual_seed(42)  # the initialisation of both runs (--seed 42)
     init = models.create_model("R14x1", 3).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
@@ -262,34 +302,78 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, cap
     assert not (out / "model.pt").exists()
 
 
-def test_tiny_end_to_end_two_sources(tmp_path, capsys):
-    a = make_prepared(tmp_path / "a", 16, 4, labels=("A", "B"), seed=1)
+def test_tiny_end_to_end_two_sources(tmp_path, capsys, monkeypatch):
+    a = make_prepared(tmp_path / "a", 16, 4, labels=("A", "B"), seed=1, views=("PA", "AP", "L"))
     b = make_prepared(tmp_path / "b", 16, 4, labels=("B", "C"), seed=2)
     out = tmp_path / "run"
     argv = ["--data", a, "--data", b, "--out", str(out), "--epochs", "2", "--log-every", "2",
-            "--agc", "0.01", "--schedule", "cosine", "--channels-last"] + TINY
+            "--channels-last"] + TINY
     argv[argv.index("--workers") + 1] = "1"
+    monkeypatch.setattr(pretrain, "LONG_CPU_RUN_HOURS", 0)  # any run counts as long: the note shows
     run_main(argv)
     log = capsys.readouterr().out.splitlines()
+    assert sum(l.startswith("note: at ") and "--epochs" in l for l in log) == 1
     steps = [l for l in log if l.startswith("step ")]
-    assert len(steps) == 4 and steps[-1].startswith("step 8/8 epoch 2.00 loss ")
+    # views PA AP: a keeps 11 of its 16 train images, b all 16: 27 // 8 = 3 steps per epoch
+    assert len(steps) == 3 and steps[-1].startswith("step 6/6 epoch 2.00 loss ")
     for line in steps:
         f = line.split()
         assert f[6] == "lr" and f[8] == "img/s" and f[10] == "data" and math.isfinite(float(f[5]))
-    assert len([l for l in log if l.startswith("eval step ")]) == 2
+    evals = [l for l in log if l.startswith("eval step ")]
+    assert len(evals) == 2
     args = json.loads((out / "args.json").read_text())
-    assert args["data"] == [a, b] and args["agc"] == 0.01
+    assert args["data"] == [a, b] and args["agc"] == 0.01 and args["views"] == ["PA", "AP"]
+    assert args["batch_size"] == 8 and args["epochs"] == 2 and args["warmup_epochs"] is None
     final = models.load_checkpoint(out / "model.pt")
     assert final["labels"] == ["A", "B", "C"] and final["task"] == "multilabel"
-    assert final["step"] == 8 and "optimizer" not in final
+    assert final["step"] == 6 and "optimizer" not in final and final["input_norm"] == "bit"
     models.create_model("R14x1", 3).load_state_dict(final["model"])
+    # best.pt: the weights of the lower of the two validation losses, which checkpoint.pt remembers
+    losses = [float(l.split()[l.split().index("loss") + 1]) for l in evals]
+    best = models.load_checkpoint(out / "best.pt")
+    assert best["val_loss"] == pytest.approx(min(losses), abs=1e-4) and best["step"] == 3 * (1 + np.argmin(losses))
+    assert best["labels"] == final["labels"] and best["input_norm"] == "bit" and best["model_name"] == "R14x1"
+    assert models.load_checkpoint(out / "checkpoint.pt")["best_loss"] == best["val_loss"]
+    assert models.read_weights(str(out / "best.pt"))[1] == "bit"
     # finished run: without --resume the folder is protected, with it nothing is left to do
     with pytest.raises(models.UserError, match="--resume"):
         run_main(argv)
-    if hasattr(models, "load_weights"):  # the models engineer's importer
-        run_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "init"), "--init",
-                                                   str(out / "model.pt")] + argv[argv.index("--out") + 2:])
-        assert (tmp_path / "init" / "model.pt").exists()
+    # from these weights; slow steps still log: a line per step when LOG_SECONDS have passed
+    monkeypatch.setattr(pretrain, "LOG_SECONDS", 0)
+    argv[argv.index("--log-every") + 1] = "1000"
+    run_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "init"), "--init", str(out / "best.pt")]
+             + argv[argv.index("--out") + 2:])
+    assert len([l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]) == 6
+    assert (tmp_path / "init" / "model.pt").exists()
+
+
+def test_resume_refuses_other_training_and_bad_checkpoints(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--data", data, "--out", out, "--epochs", "1", "--log-every", "10"] + TINY
+    run_main(argv)
+    assert "--lr is 0.3 in the checkpoint but 0.2 now" in cli(
+        argv + ["--resume", "--lr", "0.2"], capsys)
+    assert "labels are ['A', 'B', 'C'] but the data's are ['A', 'B', 'D']" in cli(
+        ["--data", make_prepared(tmp_path / "d", labels=("A", "B", "D"))] + argv[2:] + ["--resume"], capsys)
+    capsys.readouterr()
+    # on purpose: the change is said in one line, the run goes on (here: nothing left to do)
+    run_main(argv + ["--resume", "--lr", "0.2", "--resume-changed", "--workers", "1"])
+    assert "resuming with a change: --lr is 0.3" in capsys.readouterr().out
+    ckpt = Path(out) / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated, as by a full disk
+    assert "not a checkpoint that can be read" in cli(argv + ["--resume"], capsys)
+    torch.save({"model": {}, "epoch": 3}, ckpt)  # another program's
+    assert "is not a pretrain.py checkpoint" in cli(argv + ["--resume"], capsys)
+
+
+def test_validation_falls_back_to_the_test_split(tmp_path, capsys):
+    for split, expected in [("test", "no 'valid' split: validating on the 'test' split (8 images)"),
+                            ("train", "no 'valid' or 'test' split: no validation, no best.pt")]:
+        data = make_prepared(tmp_path / split, n_train=8, val_split=split)
+        out = tmp_path / f"run_{split}"
+        run_main(["--data", data, "--out", str(out), "--epochs", "1"] + TINY)
+        assert expected in capsys.readouterr().out
+        assert (out / "best.pt").exists() == (split == "test") and (out / "model.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,6 +396,13 @@ def test_bad_input_is_one_line_exit_2(data, tmp_path, capsys):
     assert "fewer than one global batch" in cli(["--data", data, "--batch-size", "64"] + out, capsys)
     assert "does not exist" in cli(["--data", data, "--init", str(tmp_path / "x.npz")] + out, capsys)
     assert "--out" in cli(["--data", data], capsys)
+    assert "no train images with views L in" in cli(["--data", data, "--views", "L"] + out, capsys)
+    assert "warm-up (4 steps) does not end before the first lr decay (step 4)" in cli(
+        ["--data", data, "--batch-size", "8", "--warmup-epochs", "1", "--decay-epochs", "1", "2"] + out, capsys)
+    assert "argument --decay-epochs: not allowed with argument --decay-steps" in cli(
+        ["--data", data, "--decay-steps", "3", "--decay-epochs", "1"] + out, capsys)
+    if not torch.cuda.is_available():
+        assert "--device cuda: no CUDA GPU is available here" in cli(["--data", data, "--device", "cuda"] + out, capsys)
     # and the real command line
     proc = subprocess.run([sys.executable, "pretrain.py", "--data", data, "--model", "nope"] + out,
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
