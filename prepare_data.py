@@ -140,7 +140,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
         keep = np.ones(len(self.table), bool) if split is None else (self.table["split"] == split).to_numpy()
         if views is not None:
-            keep &= self.table["view"].isin(views).to_numpy()
+            keep = keep & self.table["view"].isin(views).to_numpy()  # pandas may hand back a read-only array
         rows = np.flatnonzero(keep)
         self.rows = rows
         self.targets = self.table[self.labels].to_numpy(np.float32)[rows]
