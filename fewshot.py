@@ -45,6 +45,8 @@ import models
 import transfer
 
 METRICS = ["accuracy", "auc", "map"]
+# Columns of a results file read as numbers when summarising (empty = missing).
+NUMERIC_COLUMNS = METRICS + ["source_size", "ci_low", "ci_high", "metric_value"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -556,7 +558,7 @@ def finished(results):
     if "status" not in results.columns:
         return results
     status = results["status"]
-    return results[status.isna() | (status.astype(str) == "ok")]
+    return results[status.isna() | status.astype(str).isin(["ok", ""])]
 
 
 def summary_inputs(paths):
@@ -583,7 +585,9 @@ def read_summary_inputs(files):
         if not os.path.exists(csv):
             raise FileNotFoundError(f"no results file at {csv}")
         try:
-            table = pd.read_csv(csv)
+            # Names as text, exactly as written: a source called NA or 007 stays so.
+            table = pd.read_csv(csv, dtype={c: str for c in ("method", "source", "model", "target")},
+                                keep_default_na=False, na_values={c: ["", "nan", "NaN"] for c in NUMERIC_COLUMNS})
         except pd.errors.EmptyDataError:
             raise models.UserError(f"{csv} is empty") from None
         if set(AUTHORS_COLUMNS) <= set(table.columns):

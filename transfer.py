@@ -66,9 +66,10 @@ RECIPES = {"paper": {"batch_size": 128, "lr": 0.001, "nesterov": True, "agc": Tr
            "bit": {"batch_size": 512, "lr": 0.003, "nesterov": False, "agc": False, "zero_head": True}}
 AGC_CLIPPING, AGC_EPS = 0.01, 1e-3  # the paper's SGD_AGC defaults
 # The paper's chest augmentation (datasets/chexpert.py cohen_aug: albumentations
-# ShiftScaleRotate(shift_limit=0.25, scale_limit=0.1, rotate_limit=45) and a flip) at 224 px.
+# ShiftScaleRotate(shift_limit=0.25, scale_limit=0.1, rotate_limit=45; its default border
+# mode reflects) and a flip) at 224 px.
 CHEST_SIZE = 224
-CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0}
+CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "reflection"}
 LONG_CPU_PIXELS = 1e8  # training pixels (crop^2 x batch x steps) above which a CPU run takes long
 LOG_SECONDS = 60       # a log line at least this often, whatever --log-every says
 KEY_COLUMNS = ["method", "source", "model", "target", "shots", "seed"]

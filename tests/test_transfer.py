@@ -272,7 +272,7 @@ def test_chest_pipeline_settings_and_run(tmp_path):
     parser = transfer.get_args_parser()
     chest = transfer.settings(parser.parse_args(["--data", "x", "--pipeline", "chest"]), 100, (2000, 2000))
     assert (chest["resize"], chest["crop"], chest["schedule"][-1]) == (224, 224, 500)
-    assert chest["augment"] == {"translate": 0.25, "scale": 0.1, "rotate": 45.0}
+    assert chest["augment"] == {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "reflection"}
     bit = transfer.settings(parser.parse_args(["--data", "x", "--pipeline", "bit"]), 100, (2000, 2000))
     assert (bit["resize"], bit["crop"], bit["augment"]) == (512, 480, {})
     assert transfer.long_cpu_run_note("cpu", bit).startswith("note: 500 steps of batch 128 at 480 px")
