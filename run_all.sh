@@ -45,6 +45,7 @@ Settings (environment variables; demo values in brackets):
   SEEDS          seeds ("0 1 2 3 4") [0 1 2]
   STAGES         stages to run ("prepare pretrain transfer summary")
   NPROC          GPUs per node for pretrain.py / fewshot.py under torchrun (1: plain python)
+  PREPARE_ARGS   extra flags for prepare_data.py (e.g. "--workers 32")
   PRETRAIN_ARGS  extra flags for pretrain.py, after the recipe's (e.g. "--dtype bf16 --compile")
   TRANSFER_ARGS  extra flags for fewshot.py, after the recipe's
 
@@ -105,6 +106,7 @@ else
 fi
 STAGES=${STAGES:-"prepare pretrain transfer summary"}
 NPROC=${NPROC:-1}
+PREPARE_ARGS=${PREPARE_ARGS:-}
 PRETRAIN_ARGS=${PRETRAIN_ARGS:-}
 TRANSFER_ARGS=${TRANSFER_ARGS:-}
 P=$OUT/prepared
@@ -160,7 +162,7 @@ add_prepare() {  # add_prepare NAME DATASET SIZE: DATA/<raw> -> P/NAME
     local name=$1 dataset=$2 size=$3 raw; raw=$DATA/$(raw_folder "$name")
     if [ -f "$P/$name/meta.json" ]; then add prepare "$name" done ""; WILL_EXIST[$name]=1
     elif [ ! -d "$raw" ]; then add prepare "$name" "skip: no $raw" ""
-    else add prepare "$name" run "python prepare_data.py --dataset $dataset --root $raw --out $P/$name${size:+ --size $size}"
+    else add prepare "$name" run "python prepare_data.py --dataset $dataset --root $raw --out $P/$name${size:+ --size $size} $PREPARE_ARGS"
          WILL_EXIST[$name]=1; fi
 }
 
@@ -170,7 +172,7 @@ if [ $DEMO = 1 ]; then
     # what the raw folders will hold once written
     for name in chexpert mimic tuberculosis; do
         if [ -f "$P/$name/meta.json" ]; then add prepare "$name" done ""
-        else add prepare "$name" run "python prepare_data.py --dataset $name --root $DATA/$(raw_folder $name) --out $P/$name --size $SOURCE_PX"; fi
+        else add prepare "$name" run "python prepare_data.py --dataset $name --root $DATA/$(raw_folder $name) --out $P/$name --size $SOURCE_PX $PREPARE_ARGS"; fi
         WILL_EXIST[$name]=1
     done
 else
@@ -202,7 +204,8 @@ for model in $MODELS; do
         else recipe="--recipe paper --views $(views $s)"; fi
         if [ -f "$out/model.pt" ]; then add pretrain "$model $s" done ""
         elif [ -z "${WILL_EXIST[$s]:-}" ]; then add pretrain "$model $s" "skip: no prepared $s" ""; continue
-        else add pretrain "$model $s" run "$LAUNCH pretrain.py --data $P/$s --model $model --out $out --resume $recipe $RECIPE_PRETRAIN $PRETRAIN_ARGS"; fi
+        else add pretrain "$model $s" run "$LAUNCH pretrain.py --data $P/$s --model $model --out $out --resume $recipe $RECIPE_PRETRAIN $PRETRAIN_ARGS"
+             has pretrain || continue; fi
         INITS[$model]+=" $s=$out/best.pt"   # the paper transferred its save_best checkpoint
     done
     # released weights (DATA/weights): the paper's ImageNet checkpoints, Google's BiT-S / BiT-M
