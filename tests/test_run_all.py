@@ -4,6 +4,7 @@ script, and a tiny run of every target through prepare, transfer and summary."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -137,3 +138,25 @@ def test_every_target_end_to_end(tmp_path):
     assert len(results) == len(TARGETS) * 2
     assert len(set(results["target"])) == len(TARGETS)
     assert (out / "summary.md").exists()
+
+
+def test_demo_sources_share_their_labels(tmp_path):
+    """The demo's raw folders parse with the real readers, and its two sources (CheXpert alone,
+    CheXpert + MIMIC) have the same 13 labels, so the demo compares sizes, not label sets."""
+    sys.path.insert(0, str(ROOT))
+    import prepare_data as P
+    P.make_demo(tmp_path / "raw", n_chexpert=30, n_mimic=40, n_target=10, image_size=32)
+    prepared = {}
+    for name, raw in (("chexpert", "chexpert"), ("mimic", "mimic-cxr-jpg"), ("tuberculosis", "tuberculosis")):
+        out = tmp_path / name
+        P.main(P.get_args_parser().parse_args(["--dataset", name, "--root", str(tmp_path / "raw" / raw),
+                                               "--out", str(out), "--size", "16", "--workers", "1"]))
+        prepared[name] = P.read_meta(out)
+    P.main(P.get_args_parser().parse_args(["--dataset", "merge", "--inputs", str(tmp_path / "chexpert"),
+                                           str(tmp_path / "mimic"), "--out", str(tmp_path / "chexpert_mimic")]))
+    merged = P.read_meta(tmp_path / "chexpert_mimic")
+    assert len(prepared["chexpert"]["labels"]) == 13
+    assert sorted(prepared["chexpert"]["labels"]) == sorted(prepared["mimic"]["labels"]) == sorted(merged["labels"])
+    assert prepared["tuberculosis"]["labels"] == ["normal", "tuberculosis"]
+    counts = pd.read_csv(tmp_path / "chexpert_mimic" / "labels.csv")["split"].value_counts()
+    assert counts["train"] > 0 and counts["valid"] > 0
