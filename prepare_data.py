@@ -1072,9 +1072,11 @@ def make_demo(raw_root, seed=0, n_chexpert=800, n_mimic=2000, n_target=800, imag
     """Synthetic raw data for a no-download run, in the real layouts: raw_root/chexpert (holding
     CheXpert-v1.0-small), raw_root/mimic-cxr-jpg and raw_root/tuberculosis. CheXpert and MIMIC
     share the labeller and the findings, so CheXpert alone and CheXpert + MIMIC are two sources
-    of different size with the same 13 labels (the first step of the paper's scale axis)."""
-    write_chexpert_raw(os.path.join(raw_root, "chexpert"), n_chexpert, seed + 1, image_size)
-    write_mimic_raw(os.path.join(raw_root, "mimic-cxr-jpg"), n_mimic, seed + 3, image_size)
+    of different size with the same 13 labels (the first step of the paper's scale axis).
+    Findings are more frequent than in the real sets (p 0.25) so that a few hundred steps of
+    pre-training learn them."""
+    write_chexpert_raw(os.path.join(raw_root, "chexpert"), n_chexpert, seed + 1, image_size, p=0.25)
+    write_mimic_raw(os.path.join(raw_root, "mimic-cxr-jpg"), n_mimic, seed + 3, image_size, p=0.25)
     write_tuberculosis_raw(os.path.join(raw_root, "tuberculosis"), n_target, seed + 2, image_size)
     return raw_root
 
