@@ -90,7 +90,7 @@ if [ -z "$DATA" ]; then
     # 30 60 80 -> 4 5); for a few hundred steps instead of ~100k: lr 0.01 per 256 -> 0.8 and
     # augmentation rotate 45 / shift .25 -> 10 / .1 (measured: under the paper's values a 6-epoch
     # run stays near chance, validation AUC 0.50; under these 0.77 after 4 epochs)
-    RECIPE_PRETRAIN="--image-size 32 --batch-size 32 --epochs 6 --warmup-epochs 1 --decay-epochs 4 5
+    RECIPE_PRETRAIN="--image-size 32 --batch-size 32 --epochs 6 --warmup-epochs 1 --decay-epochs 4 5 \
                      --lr 0.8 --rotate 10 --shift 0.1 --log-every 50"
     # fine-tuning: HyperRule's 500 steps -> 40, batch 128 -> 16, 512/480 px -> 40/32, lr 0.001 ->
     # 0.01 (measured, 5-shot: at 0.003 the from-scratch model keeps up with the pre-trained ones,

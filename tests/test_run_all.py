@@ -160,3 +160,27 @@ def test_demo_sources_share_their_labels(tmp_path):
     assert prepared["tuberculosis"]["labels"] == ["normal", "tuberculosis"]
     counts = pd.read_csv(tmp_path / "chexpert_mimic" / "labels.csv")["split"].value_counts()
     assert counts["train"] > 0 and counts["valid"] > 0
+
+
+def test_demo_runs_each_job_once_with_its_whole_command(tmp_path):
+    """The demo's jobs with a stand-in `python` that records its arguments (and fails
+    pretrain.py): every job runs once with the recipe's flags in one command, a failed job does
+    not stop the rest, and the script ends with status 1 listing it."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                                    'case "$1" in pretrain.py) exit 1 ;; esac\nexit 0\n')
+    (bin_dir / "python").chmod(0o755)
+    out = tmp_path / "out"
+    r = run_all(env={"OUT": str(out), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    lines = calls.read_text().splitlines()
+    jobs = [line for line in lines if line.split(" ")[0].endswith(".py")]   # n_train's `python -c` aside
+    assert [j.split()[0] for j in jobs] == ["prepare_data.py"] * 5 + ["pretrain.py"] * 2 + ["fewshot.py"] * 4
+    for j in jobs:
+        if j.startswith("pretrain.py"):
+            assert "--recipe paper" in j and "--epochs 6" in j and "--lr 0.8" in j and "--shift 0.1" in j
+        if j.startswith("fewshot.py --data"):
+            assert "--recipe paper" in j and "--steps 40" in j and "--seeds 0 1 2" in j
+    assert sum("best.pt" in j for j in jobs) == 2   # transfer from the lowest-validation-loss weights
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith("run_all.sh: 2 job(s) failed:\n  pretrain R14x1 chexpert\n  pretrain R14x1 chexpert_mimic")
