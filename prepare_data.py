@@ -1287,6 +1287,20 @@ def chexpert_cell(rng, present, valid):
     return "" if r < 0.6 else "0.0" if r < 0.95 else "-1.0"
 
 
+def chexpert_report(rng, findings, valid=False):
+    """The CheXpert labeller's row for drawn `findings`: No Finding, then one cell per
+    CHEXPERT_LABELS (the parent labels Lung Opacity / Enlarged Cardiomediastinum follow their
+    children, as the labeller's hierarchy does). MIMIC-CXR-JPG uses the same labeller."""
+    present = set(findings)
+    if present & {"Consolidation", "Pneumonia", "Edema", "Atelectasis"}:
+        present.add("Lung Opacity")
+    if "Cardiomegaly" in findings:
+        present.add("Enlarged Cardiomediastinum")
+    present = {"Pleural Effusion" if f == "Effusion" else f for f in present}
+    no_finding = "1.0" if not present else ("0.0" if valid else "")
+    return [no_finding] + [chexpert_cell(rng, name in present, valid) for name in CHEXPERT_LABELS]
+
+
 def write_chexpert_raw(root, n=600, seed=0, image_size=112, p=0.12, folder="CheXpert-v1.0-small"):
     """A CheXpert-style folder: root/FOLDER/{train,valid}.csv with 1/0/-1/blank and
     root/FOLDER/{train,valid}/patientNNNNN/studyN/view1_frontal.jpg (+ view2_lateral.jpg)."""
@@ -1305,22 +1319,46 @@ def write_chexpert_raw(root, n=600, seed=0, image_size=112, p=0.12, folder="CheX
                 os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
                 Image.fromarray(synthetic_chest(rng, findings, image_size, lateral=fl == "Lateral")).save(
                     os.path.join(root, rel), quality=95)
-                present = set(findings)
-                if set(findings) & {"Consolidation", "Pneumonia", "Edema", "Atelectasis"}:
-                    present.add("Lung Opacity")
-                if "Cardiomegaly" in findings:
-                    present.add("Enlarged Cardiomediastinum")
-                present = {"Pleural Effusion" if f == "Effusion" else f for f in present}
-                cells = [chexpert_cell(rng, name in present, split == "valid") for name in CHEXPERT_LABELS]
-                no_finding = "1.0" if not present else ("0.0" if split == "valid" else "")
                 ap_pa = ("PA" if rng.random() < 0.3 else "AP") if fl == "Frontal" else ""
                 lines[split].append(",".join([rel, "Female" if rng.random() < 0.5 else "Male", str(int(rng.integers(20, 90))),
-                                              fl, ap_pa, no_finding] + cells))
+                                              fl, ap_pa] + chexpert_report(rng, findings, split == "valid")))
                 count += 1
     for split, rows in lines.items():
         with open(os.path.join(root, folder, f"{split}.csv"), "w") as f:
             f.write(",".join(header) + "\n" + "".join(r + "\n" for r in rows))
     return os.path.join(root, folder)
+
+
+def write_mimic_raw(root, n=2400, seed=0, image_size=112, p=0.12):
+    """A MIMIC-CXR-JPG-2.0.0-style folder: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg and the
+    mimic-cxr-2.0.0-{chexpert,metadata,split}.csv.gz tables (the CheXpert labeller's coding per
+    study, official train / validate / test by subject), with the sources' findings."""
+    rng = np.random.default_rng(seed)
+    reports, meta, split_rows = [], [], []
+    subject, study = 10000000, 50000000
+    while len(meta) < n:
+        subject += 1
+        split = str(rng.choice(["train", "validate", "test"], p=[0.9, 0.05, 0.05]))
+        for _ in range(int(rng.integers(1, 3))):
+            study += 1
+            findings = demo_findings(rng, DEMO_CHEXPERT_FINDINGS, p)
+            reports.append(f"{subject},{study}," + ",".join(chexpert_report(rng, findings)))
+            views = ["PA" if rng.random() < 0.4 else "AP"] + (["LATERAL"] if rng.random() < 0.2 else [])
+            for view in views[:n - len(meta)]:
+                dicom = f"{rng.integers(16 ** 8):08x}-{rng.integers(16 ** 8):08x}"
+                folder = os.path.join(root, "files", f"p{str(subject)[:2]}", f"p{subject}", f"s{study}")
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(synthetic_chest(rng, findings, image_size, lateral=view == "LATERAL")).save(
+                    os.path.join(folder, dicom + ".jpg"), quality=95)
+                meta.append(f"{dicom},{subject},{study},CHEST (PA AND LAT),{view},{image_size},{image_size}")
+                split_rows.append(f"{dicom},{study},{subject},{split}")
+    tables = {"chexpert": ("subject_id,study_id,No Finding," + ",".join(CHEXPERT_LABELS), reports),
+              "metadata": ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns", meta),
+              "split": ("dicom_id,study_id,subject_id,split", split_rows)}
+    for name, (header, rows) in tables.items():
+        pd.DataFrame([r.split(",") for r in rows], columns=header.split(",")).to_csv(
+            os.path.join(root, f"mimic-cxr-2.0.0-{name}.csv.gz"), index=False)
+    return root
 
 
 def write_tuberculosis_raw(root, n=600, seed=0, image_size=112):
@@ -1339,11 +1377,15 @@ def write_tuberculosis_raw(root, n=600, seed=0, image_size=112):
     return root
 
 
-def make_demo(raw_root, seed=0, n_nih=2400, n_chexpert=600, n_target=1000, image_size=112):
-    """Synthetic raw data for a no-download run: raw_root/nih, raw_root/chexpert (holding
-    CheXpert-v1.0-small) and raw_root/tuberculosis, in the real layouts."""
-    write_nih_raw(os.path.join(raw_root, "nih"), n_nih, seed, image_size)
-    write_chexpert_raw(os.path.join(raw_root, "chexpert"), n_chexpert, seed + 1, image_size)
+def make_demo(raw_root, seed=0, n_chexpert=800, n_mimic=2000, n_target=800, image_size=64):
+    """Synthetic raw data for a no-download run, in the real layouts: raw_root/chexpert (holding
+    CheXpert-v1.0-small), raw_root/mimic-cxr-jpg and raw_root/tuberculosis. CheXpert and MIMIC
+    share the labeller and the findings, so CheXpert alone and CheXpert + MIMIC are two sources
+    of different size with the same 13 labels (the first step of the paper's scale axis).
+    Findings are more frequent than in the real sets (p 0.25) so that a few hundred steps of
+    pre-training learn them."""
+    write_chexpert_raw(os.path.join(raw_root, "chexpert"), n_chexpert, seed + 1, image_size, p=0.25)
+    write_mimic_raw(os.path.join(raw_root, "mimic-cxr-jpg"), n_mimic, seed + 3, image_size, p=0.25)
     write_tuberculosis_raw(os.path.join(raw_root, "tuberculosis"), n_target, seed + 2, image_size)
     return raw_root
 
@@ -1425,7 +1467,8 @@ def main(args, stop_after=None):
     check_args(args)
     if args.dataset == "demo":
         make_demo(args.out, seed=args.seed)
-        print(f"demo: raw folders written to {args.out}/nih, {args.out}/chexpert, {args.out}/tuberculosis", flush=True)
+        print(f"demo: raw folders written to {args.out}/chexpert, {args.out}/mimic-cxr-jpg, {args.out}/tuberculosis",
+              flush=True)
         return None
     if os.path.exists(os.path.join(args.out, "meta.json")):
         if not args.overwrite:
