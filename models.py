@@ -262,7 +262,7 @@ def export_bit_npz(model, path):
     for name, t in unwrap(model).state_dict().items():
         a = t.detach().float().cpu().numpy()
         arrays[_bit_key(name)] = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a
-    with open(path, "wb") as f:  # a file object, so that numpy does not append ".npz"
+    with atomic_write(path, "wb") as f:  # a file object, so that numpy does not append ".npz"
         np.savez(f, **arrays)
 
 

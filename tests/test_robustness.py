@@ -325,7 +325,7 @@ def test_second_prepare_on_a_busy_out_is_refused(tmp_path, second):
 @pytest.mark.parametrize("second", ["fresh", "resume"])
 def test_second_pretrain_on_a_busy_out_is_refused(tmp_path, target, second):
     out = tmp_path / "run"
-    argv = ["--data", target, "--out", out, *PRETRAIN_TINY, "--epochs", "3"]
+    argv = ["--data", target, "--out", out, *PRETRAIN_TINY, "--epochs", "3", "--seed", "0"]
     a = start("pretrain", *argv)
     try:
         wait_for_line(a, r"^step 1/")
@@ -338,7 +338,7 @@ def test_second_pretrain_on_a_busy_out_is_refused(tmp_path, target, second):
     assert_refused_as_busy(b)
     assert ra.rc == 0, ra
     saved = json.loads((out / "args.json").read_text())
-    assert saved["seed"] == 0 and saved["lr"] == 0.03
+    assert saved["seed"] == 0 and saved["lr"] == pretrain.RECIPES["paper"]["lr"]  # the first run's
     assert models.load_checkpoint(out / "model.pt")["args"]["seed"] == 0
 
 
