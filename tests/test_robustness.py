@@ -422,6 +422,36 @@ def test_failed_overwrite_keeps_the_old_dataset(tmp_path, how):
     assert_prepared_consistent(out, n=30, size=8)
 
 
+def test_a_kill_in_the_middle_of_the_overwrite_swap_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    root = csv_root(tmp_path, n=10)
+    out = tmp_path / "out"
+    assert run("prepare", *prepare_csv_args(root, out)).rc == 0
+    moves, replace = [], os.replace
+
+    def killed_after_two(src, dst):  # the swap's third move of a file into OUT never happens
+        if os.path.dirname(dst) == str(out) and os.path.basename(src) in P.PREPARED_FILES:
+            if len(moves) == 2:
+                raise SystemExit(137)
+            moves.append(dst)
+        replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_after_two)
+        run("prepare", *prepare_csv_args(root, out), "--size", "12", "--overwrite")
+    assert len(moves) == 2 and not (out / "meta.json").exists()
+    r = run("prepare", *prepare_csv_args(root, out), "--size", "8")  # any run on OUT finishes the swap
+    assert_one_line_error(r, 2, "already holds")
+    assert "finishing" in r.out and not (out / P.REBUILD).exists(), r
+    assert_prepared_consistent(out, n=10, size=12)
+
+
+def test_second_grid_on_a_busy_out_is_refused(tmp_path, target):
+    out = tmp_path / "grid"
+    with models.folder_lock(out):  # a grid that is running
+        r = run("fewshot", "--data", target, "--out", out, *TRANSFER_TINY, "--shots", "1", "--seeds", "0")
+    assert_refused_as_busy(r)
+    assert not (out / "results.csv").exists()
+
+
 def test_dry_run_with_overwrite_touches_nothing(tmp_path):
     root = csv_root(tmp_path)
     out = tmp_path / "out"
