@@ -32,6 +32,7 @@ failed (listed at the end), 2 bad input, 130 / 143 stopped by Ctrl-C / SIGTERM (
 kept; a rerun continues).
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -232,7 +233,8 @@ def run_grid(args):
     process with status 1, a stop signal with 128 + its number."""
     env = models.setup_distributed(args.device)
     try:
-        with models.StopSignals() as stop:
+        with models.folder_lock(args.out) if env.is_master else contextlib.nullcontext(), \
+                models.StopSignals() as stop:
             train, evalset, split = transfer.load_target(args.data)
             if train.multilabel and args.multilabel_mode == "single":
                 # A different task (other rows, single-label metrics): recorded under its own name.
@@ -590,6 +592,8 @@ def read_summary_inputs(files):
                                 keep_default_na=False, na_values={c: ["", "nan", "NaN"] for c in NUMERIC_COLUMNS})
         except pd.errors.EmptyDataError:
             raise models.UserError(f"{csv} is empty") from None
+        except (UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise models.UserError(f"{csv}: not a readable results file ({str(e).splitlines()[0]})") from None
         if set(AUTHORS_COLUMNS) <= set(table.columns):
             authors.append(table)
             continue
@@ -639,11 +643,12 @@ def run_summary(args):
               "(its ImageNet models are its own)")
     reference = read_paper_reference()
     summary = beside_paper(summarize(results), reference)
-    summary.to_csv(os.path.join(out, "summary.csv"), index=False)
+    with models.atomic_write(os.path.join(out, "summary.csv")) as f:
+        summary.to_csv(f, index=False)
     table = markdown_table(summary)
-    with open(os.path.join(out, "summary.md"), "w") as f:
+    with models.atomic_write(os.path.join(out, "summary.md")) as f:
         f.write(table)
-    with open(os.path.join(out, "summary_args.json"), "w") as f:
+    with models.atomic_write(os.path.join(out, "summary_args.json")) as f:
         json.dump(vars(args), f, indent=1)
     curves = plot_fewshot(summary, os.path.join(out, "fewshot.png"), reference if args.paper_curves else None)
     written = ["summary.csv", "summary.md", "fewshot.png"]
@@ -672,7 +677,7 @@ def get_args_parser():
     parser.add_argument("--shots", nargs="+", type=parse_shots, default=[1, 5, 10, 100, 0],
                         help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
                              "the whole training split")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+    parser.add_argument("--seeds", nargs="+", type=models.at_least(0), default=[0, 1, 2, 3, 4],
                         help="seeds of subset choice and training (the paper's 0..4)")
     parser.add_argument("--multilabel-mode", default="single", choices=["single", "multi"],
                         help="multi-label targets: single = images with exactly one positive, trained "
@@ -690,7 +695,7 @@ def get_args_parser():
 def main(args):
     if args.summarize:
         return run_summary(args)
-    transfer.finish_args(args, args.seeds)
+    transfer.finish_args(args)
     if args.probe_c <= 0 or args.probe_iters < 1:
         raise models.UserError("--probe-c must be > 0 and --probe-iters >= 1")
     args.shots = list(dict.fromkeys(args.shots))

@@ -15,12 +15,14 @@ formats, and the training machinery shared by the scripts.
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import zipfile
 from collections import OrderedDict
@@ -260,7 +262,7 @@ def export_bit_npz(model, path):
     for name, t in unwrap(model).state_dict().items():
         a = t.detach().float().cpu().numpy()
         arrays[_bit_key(name)] = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a
-    with open(path, "wb") as f:  # a file object, so that numpy does not append ".npz"
+    with atomic_write(path, "wb") as f:  # a file object, so that numpy does not append ".npz"
         np.savez(f, **arrays)
 
 
@@ -329,8 +331,12 @@ def read_weights(path):
         with zipfile.ZipFile(path) as z:
             is_npz = all(n.endswith(".npy") for n in z.namelist())
         if is_npz:
-            with np.load(path, allow_pickle=False) as arrays:
-                return from_bit_npz(arrays), "bit"
+            try:
+                with np.load(path, allow_pickle=False) as arrays:
+                    return from_bit_npz(arrays), "bit"
+            except ValueError:  # numpy refuses object arrays (pickles) without allow_pickle
+                raise UserError(f"{path}: refused: the .npz holds object arrays (pickles), which "
+                                "could run code; BiT weights are plain numeric arrays") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
@@ -419,6 +425,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def at_least(minimum):
+    """argparse type: an int >= minimum, so that the parser itself names the flag of a bad
+    value (`argument --workers: must be >= 1, got -1`)."""
+    def parse(text):
+        value = int(text)  # a ValueError becomes argparse's "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def run_cli(main, parser, argv=None):
@@ -536,18 +554,125 @@ def save_args(folder, args, name="args.json"):
     if not is_master():
         return
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_write(os.path.join(folder, name)) as f:
         json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=1, default=str)
-    os.replace(f"{path}.tmp", path)
+
+
+# ----------------------------------------------------------------------------------------
+# Output folders: finished files appear whole, a folder belongs to one run at a time
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable (the directory entry itself is flushed)."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp, path):
+    """Flush the finished file `tmp` to disk, rename it to `path`, flush the rename: a crash
+    leaves the old file or the new one, never a part."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_folder(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """`with atomic_write(path) as f:` write a finished file: into a temporary name of this
+    process (two writers never share one), then replace_durably; nothing is left on error."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        replace_durably(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def check_out(out, inputs=(), flag="--data"):
+    """Refuse an --out that is a file, or that is, or lies inside, one of the run's inputs
+    (whose files a run could then replace)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder")
+    real = os.path.realpath(out)
+    for folder in inputs:
+        inside = os.path.realpath(folder)
+        if os.path.commonpath([real, inside]) == inside:
+            where = "is" if real == inside else "lies inside"
+            raise UserError(f"--out {out} {where} the input {flag} {folder}; choose an output folder "
+                            "outside the inputs")
+
+
+LOCK_NAME = ".lock"
+_held_locks = set()  # fds of the folder locks this process holds
+
+
+def _drop_inherited_locks():
+    """In a forked child (decoding or DataLoader worker): close the inherited lock fds, so that
+    the lock goes with its owner and no orphaned worker keeps the folder."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """`with folder_lock(out):` the folder belongs to this run. OUT/.lock names the owner
+    (pid@host) and is held with flock, which the kernel drops when the owner exits or dies
+    (kill -9 included): a folder is taken over exactly when its owner is gone. A second run
+    gets a one-line UserError naming the owner. The lock file is removed on a clean exit."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = ""
+            with contextlib.suppress(OSError):
+                owner = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"{folder} is in use by another run ({owner or 'owner unknown'}, lock "
+                            f"{path}); wait for it to end or choose another --out") from None
+        # The previous owner may have removed the file between our open and flock: the lock
+        # counts only on the file that is still at `path`.
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+    _held_locks.add(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        _held_locks.discard(fd)
+        os.close(fd)
+        if created:  # a run that failed before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints
 
 def save_checkpoint(path, model, optimizer=None, scaler=None, step=0, args=None, extra=None):
-    """Bare-module weights plus whatever is needed to resume, written to a temp file and
-    renamed so that a crash never leaves a truncated checkpoint under the real name."""
+    """Bare-module weights plus whatever is needed to resume, written with atomic_write so
+    that a crash never leaves a truncated checkpoint under the real name."""
     state = {"model": unwrap(model).state_dict(), "step": step,
              "args": dict(vars(args)) if args is not None else {}, "rng": rng_state()}
     if optimizer is not None:
@@ -555,9 +680,8 @@ def save_checkpoint(path, model, optimizer=None, scaler=None, step=0, args=None,
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     state.update(extra or {})
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path):

@@ -49,6 +49,7 @@ Images. Every format goes through the same two steps:
 """
 import ast
 import concurrent.futures
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -77,27 +78,35 @@ SPLITS = ["train", "valid", "test"]
 # ----------------------------------------------------------------------------------------
 # The prepared format: writer and reader
 
+PREPARED_FILES = ["images.npy", "labels.csv", "rejects.csv", "label_stats.csv", "args.json", "meta.json"]
+META_KEYS = {"name": str, "size": int, "channels": int, "labels": list, "task": str}
+
+
 def write_meta(out, meta):
-    """meta.json marks a folder complete, so it is written under a temporary name and renamed."""
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+    """meta.json marks a folder complete, so it is written last (models.atomic_write)."""
+    with models.atomic_write(os.path.join(out, "meta.json")) as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
 
 
 def save_prepared(out, images, table, labels, task, name="", extra_meta=None):
     """Write an in-memory dataset (uint8 images (N, S, S, C) and a table with META_COLUMNS +
-    labels) as a prepared folder. Files are written under temporary names and meta.json,
-    which marks the folder complete, comes last."""
+    labels) as a prepared folder. Each file is written whole (models.atomic_write) and
+    meta.json, which marks the folder complete, comes last."""
     images = np.asarray(images, np.uint8)
     if images.ndim == 3:
         images = images[..., None]
     assert len(images) == len(table) and images.shape[1] == images.shape[2]
     os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "images.tmp.npy"), images)
-    os.replace(os.path.join(out, "images.tmp.npy"), os.path.join(out, "images.npy"))
+    with models.atomic_write(os.path.join(out, "images.npy"), "wb") as f:
+        np.save(f, images)
     write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
     write_meta(out, {"name": name, "size": int(images.shape[1]), "channels": int(images.shape[3]),
                      "labels": list(labels), "task": task, **(extra_meta or {})})
+
+
+def write_csv(path, table):
+    with models.atomic_write(path) as f:
+        table.to_csv(f, index=False)
 
 
 def write_labels_csv(path, table, labels):
@@ -105,22 +114,64 @@ def write_labels_csv(path, table, labels):
     out = table[META_COLUMNS].copy()
     for label in labels:
         out[label] = table[label].astype("Float64").round().astype("Int64")
-    out.to_csv(path, index=False)
+    write_csv(path, out)
 
 
 def read_meta(folder):
+    """meta.json of a prepared folder, its keys checked; a missing, broken or incomplete one is
+    a one-line error."""
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); "
                                 "run prepare_data.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a JSON object")
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{path}: key {key!r} missing or not a {kind.__name__}")
+    if meta["task"] not in ("multilabel", "multiclass"):
+        raise UserError(f"{path}: task {meta['task']!r} is not multilabel or multiclass")
+    return meta
 
 
-def read_labels_csv(folder, labels):
-    return pd.read_csv(os.path.join(folder, "labels.csv"),
-                       dtype={"path": str, "patient": str, "view": str, "split": str},
-                       keep_default_na=False, na_values={l: [""] for l in labels})
+def read_labels_csv(folder, labels, multiclass=False):
+    """labels.csv of a prepared folder; its label cells must be 1, 0 or empty (and one 1 per
+    row for a multiclass task), else a one-line error naming the line and column."""
+    path = os.path.join(folder, "labels.csv")
+    t = read_table(path, dtype=str, keep_default_na=False)
+    require_columns(t, META_COLUMNS + list(labels), path)
+    for label in labels:
+        values = check_codes(t[label], {0.0, 1.0}, path, label)
+        if multiclass and values.isna().any():
+            raise UserError(f"{path} line {int(np.flatnonzero(values.isna().to_numpy())[0]) + 2} column "
+                            f"{label!r}: empty in a multiclass dataset")
+        t[label] = values.astype(np.float64)
+    if multiclass and len(t) and not (t[list(labels)].sum(axis=1) == 1).all():
+        line = int(np.flatnonzero((t[list(labels)].sum(axis=1) != 1).to_numpy())[0]) + 2
+        raise UserError(f"{path} line {line}: a multiclass row needs exactly one 1")
+    return t
+
+
+def open_images(folder, meta, rows):
+    """images.npy of a prepared folder, memory-mapped, checked against meta.json (side,
+    channels) and labels.csv (rows): a truncated or mismatched file is a one-line error."""
+    path = os.path.join(folder, "images.npy")
+    try:
+        images = np.load(require_file(path), mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise UserError(f"{path}: truncated or not a .npy file ({str(e).splitlines()[0]})") from None
+    want = (rows, meta["size"], meta["size"], meta["channels"])
+    if images.dtype != np.uint8 or images.shape != want:
+        raise UserError(f"{path}: {images.dtype} {images.shape}, but meta.json (size, channels) and "
+                        f"labels.csv ({rows} rows) say uint8 {want}")
+    return images
 
 
 class PreparedDataset(torch.utils.data.Dataset):
@@ -136,8 +187,8 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.folder, self.meta = folder, meta
         self.labels = meta["labels"]
         self.multilabel = meta["task"] == "multilabel"
-        self.table = read_labels_csv(folder, self.labels)
-        self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+        self.table = read_labels_csv(folder, self.labels, multiclass=not self.multilabel)
+        self.images = open_images(folder, meta, len(self.table))
         keep = np.ones(len(self.table), bool) if split is None else (self.table["split"] == split).to_numpy()
         if views is not None:
             keep = keep & self.table["view"].isin(views).to_numpy()  # pandas may hand back a read-only array
@@ -589,9 +640,10 @@ def parse_csv(args):
     codes = {"", "0", "1", "-1", "0.0", "1.0", "-1.0"}
     cells = {c: t[c].str.strip() for c in label_cols}
     coded = {c: cells[c].isin(codes) for c in label_cols}
-    # A column is 0/1-coded when nearly all its cells are; a stray value there is an error, not
-    # a reason to read the file as class names.
-    binary = [c for c in label_cols if coded[c].mean() >= 0.9]
+    # A column is 0/1-coded when nearly all its cells are, or when all are numbers; a stray value
+    # there is an error, not a reason to read the file as class names.
+    binary = [c for c in label_cols
+              if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
     if len(label_cols) == 1 and not binary:
         names = sorted(cells[label_cols[0]].unique())
         if "" in names:
@@ -603,7 +655,8 @@ def parse_csv(args):
             if not coded[c].all():
                 pos = int(np.flatnonzero((~coded[c]).to_numpy())[0])
                 raise UserError(f"{args.labels_csv} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not "
-                                "1, 0, -1 or empty (label columns hold 1/0/empty, or are one column of class names)")
+                                "1, 0, -1 or empty (label columns hold 1/0/empty, or are one column of class "
+                                "names, which are not numbers)")
         v = pd.DataFrame({c: pd.to_numeric(cells[c], errors="coerce") for c in label_cols})
         t[label_cols] = v.mask(v == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[args.uncertain])
         labels = label_cols
@@ -738,12 +791,31 @@ DATASETS = {
 SPLIT_RULES = ["paper", "patient"]
 
 
+def drop_listed_twice(table, dropped):
+    """A file listed twice (also as ./x.png or a/../x.png) is kept once when its rows agree;
+    rows that disagree (labels, split, patient) are a one-line error naming both."""
+    where = table["file"] if "file" in table else table["path"]
+    key = where.map(lambda p: os.path.normpath(str(p)))
+    if not key.duplicated().any():
+        return table
+    rest = table.drop(columns=[c for c in ("path", "file") if c in table]).astype(str)
+    distinct = rest.assign(_key=key.to_numpy()).drop_duplicates()
+    clash = distinct["_key"].duplicated()
+    if clash.any():
+        rows = np.flatnonzero((key == distinct["_key"][clash].iloc[0]).to_numpy())[:2]
+        raise UserError(f"{table['path'].iloc[rows[0]]!r} is listed twice with different labels or split "
+                        f"(rows {rows[0] + 1} and {rows[1] + 1} of the label table)")
+    dropped["listed twice"] = int(key.duplicated().sum())
+    return table[~key.duplicated().to_numpy()]
+
+
 def finish(raw, spec, args):
     """Every parser's table -> the prepared table: views harmonised and filtered, splits assigned
     (--split-by), rows marked for dropping removed, classes one-hot, `file` joined to the base
     folder, and what was dropped reported. Returns (table, labels, dropped); the table's index
     is the row of `raw.table` (CIFAR's in-memory images follow it)."""
     t, dropped = raw.table.copy(), dict(raw.dropped)
+    t = drop_listed_twice(t, dropped)
     if spec.views:
         t["view"] = t["view"].fillna("").replace(VIEW_NAMES.get(args.dataset, {}))
         if "all" not in args.views:
@@ -950,7 +1022,13 @@ class WorkState:
         if os.path.exists(os.path.join(self.dir, "plan.json")):
             with open(os.path.join(self.dir, "plan.json")) as f:
                 old = json.load(f)
-        if old == plan and os.path.exists(os.path.join(self.dir, "state.npz")):
+        moved = os.path.join(out, "images.npy")
+        if old == plan and not os.path.exists(self.images_path) and os.path.exists(moved) and \
+                np.load(moved, mmap_mode="r").shape == (n, size, size, channels):
+            # A run killed after compact() moved the whole work array out, before meta.json:
+            # the array goes back, and this run compacts and finishes again.
+            os.replace(moved, self.images_path)
+        if old == plan and os.path.exists(os.path.join(self.dir, "state.npz")) and os.path.exists(self.images_path):
             state = np.load(os.path.join(self.dir, "state.npz"))
             self.done, self.orig = state["done"].copy(), state["orig"].copy()
             with open(os.path.join(self.dir, "rejects.json")) as f:
@@ -961,16 +1039,14 @@ class WorkState:
             np.lib.format.open_memmap(self.images_path, "w+", np.uint8, (n, size, size, channels)).flush()
             self.done, self.orig, self.rejects = np.zeros(n, bool), np.zeros((n, 2), np.int32), {}
             self.save()
-            with open(os.path.join(self.dir, "plan.json"), "w") as f:
+            with models.atomic_write(os.path.join(self.dir, "plan.json")) as f:
                 json.dump(plan, f)
 
     def save(self):
-        with open(os.path.join(self.dir, "rejects.json.tmp"), "w") as f:
+        with models.atomic_write(os.path.join(self.dir, "rejects.json")) as f:
             json.dump(self.rejects, f)
-        os.replace(os.path.join(self.dir, "rejects.json.tmp"), os.path.join(self.dir, "rejects.json"))
-        with open(os.path.join(self.dir, "state.tmp.npz"), "wb") as f:
+        with models.atomic_write(os.path.join(self.dir, "state.npz"), "wb") as f:
             np.savez(f, done=self.done, orig=self.orig)
-        os.replace(os.path.join(self.dir, "state.tmp.npz"), os.path.join(self.dir, "state.npz"))
 
 
 def pool_results(todo, workers, init_args):
@@ -1060,19 +1136,20 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
 
 
 def compact(state, keep, out):
-    """Copy the kept rows of the work array into OUT/images.npy (temp name, then rename)."""
+    """Copy the kept rows of the work array into OUT/images.npy (temp name, then rename); with
+    nothing to drop the work array is moved (WorkState moves it back if no meta.json follows)."""
     if keep.all():
-        os.replace(state.images_path, os.path.join(out, "images.npy"))
+        models.replace_durably(state.images_path, os.path.join(out, "images.npy"))
         return
     src = np.load(state.images_path, mmap_mode="r")
     rows = np.flatnonzero(keep)
-    tmp = os.path.join(out, "images.tmp.npy")
+    tmp = os.path.join(out, f"images.npy.tmp.{os.getpid()}")
     dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(rows),) + src.shape[1:])
     for start in range(0, len(rows), 512):
         dst[start:start + 512] = src[rows[start:start + 512]]
     dst.flush()
     del dst
-    os.replace(tmp, os.path.join(out, "images.npy"))
+    models.replace_durably(tmp, os.path.join(out, "images.npy"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1100,7 +1177,7 @@ def report(table, labels, out):
     print("images: " + "  ".join(f"{k} {v}" for k, v in c["split"].items()) + f"  total {len(table)}", flush=True)
     print("views: " + "  ".join(f"{k} {v}" for k, v in c["view"].items()), flush=True)
     stats = label_stats(table, labels)
-    stats.to_csv(os.path.join(out, "label_stats.csv"), index=False)
+    write_csv(os.path.join(out, "label_stats.csv"), stats)
     for r in stats.itertuples():
         print(f"label {r.label!r} split {r.split}: positive {r.positive} negative {r.negative} "
               f"masked {r.masked}", flush=True)
@@ -1134,6 +1211,7 @@ def merge(inputs, out, label_mode="intersection"):
     tables = []
     for d, m in zip(inputs, metas):
         t = read_labels_csv(d, m["labels"])
+        open_images(d, m, len(t))  # checked before anything is written
         name = m["name"] or os.path.basename(os.path.normpath(d))
         t["path"], t["patient"] = name + "/" + t["path"], name + "/" + t["patient"]
         if validation_split(t) == "test":
@@ -1144,19 +1222,20 @@ def merge(inputs, out, label_mode="intersection"):
         tables.append(t[META_COLUMNS + labels])
     table = pd.concat(tables, ignore_index=True)
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "images.tmp.npy")
+    tmp = os.path.join(out, f"images.npy.tmp.{os.getpid()}")
     size, ch = metas[0]["size"], metas[0]["channels"]
     dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(table), size, size, ch))
     start = 0
-    for d in inputs:
-        src = np.load(os.path.join(d, "images.npy"), mmap_mode="r")
+    for d, m, t in zip(inputs, metas, tables):
+        src = open_images(d, m, len(t))
         for i in range(0, len(src), 512):
             dst[start + i:start + i + len(src[i:i + 512])] = src[i:i + 512]
         start += len(src)
     dst.flush()
     del dst
-    os.replace(tmp, os.path.join(out, "images.npy"))
+    models.replace_durably(tmp, os.path.join(out, "images.npy"))
     write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
+    write_csv(os.path.join(out, "rejects.csv"), pd.DataFrame(columns=["path", "reason"]))
     # Per-row original sizes are not kept; the median over images is approximated by the
     # median of the sources' medians weighted by their image counts.
     orig = np.repeat(np.array([m.get("orig_size", [size, size]) for m in metas]),
@@ -1400,7 +1479,7 @@ def get_args_parser():
                    + "; merge (prepared folders -> one, see --inputs); demo (synthetic raw folders written to --out)")
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=models.at_least(1), default=None,
                    help="side of the stored square images (default: 512, the HyperRule's resize; CIFAR 32; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="stored channels (default: 1 for X-rays and csv, 3 for natural images and imagefolder)")
@@ -1420,7 +1499,7 @@ def get_args_parser():
     p.add_argument("--test-fraction", type=float, default=None,
                    help="fraction held out as 'test' where there is no official test split (default: PadChest 0.1, "
                         "Tuberculosis 0.15 per folder, imagefolder/csv 0.15)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=models.at_least(0), default=0,
                    help="seed of the patient-level splits and of the demo data (the paper's random splits use its "
                         "seed 42)")
     p.add_argument("--uncertain", choices=["ignore", "ones", "zeros"], default="ignore",
@@ -1432,28 +1511,31 @@ def get_args_parser():
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
                    help="merge: keep the sorted intersection of the inputs' labels (the paper's rule), or the union "
                         "(unknown where a source lacks a label)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=models.at_least(1), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (1 = in this process)")
     p.add_argument("--max-rejects", type=float, default=0.01,
                    help="fail (exit 2, dataset left incomplete and resumable) when more than this fraction of "
                         "images is rejected")
     p.add_argument("--strict", action="store_true", help="fail on any rejected image")
     p.add_argument("--dry-run", action="store_true",
-                   help="read metadata only: write labels.csv and label_stats.csv, print the counts, convert nothing")
+                   help="read metadata only: write labels.csv and label_stats.csv (into OUT/.dry-run when OUT holds "
+                        "a prepared dataset, which stays untouched), print the counts, convert nothing")
     p.add_argument("--download", action="store_true", help="cifar10/cifar100/flowers102/pets: download into --root if absent")
-    p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild an already prepared --out: the new dataset is built in OUT/.rebuild and replaces "
+                        "the old one only once it is complete")
     return p
 
 
 def check_args(args):
-    if args.size is not None and args.size < 1:
-        raise UserError("--size must be positive")
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, not {args.workers}")
     if not 0 <= (args.valid_fraction or 0) < 1 or not 0 <= (args.test_fraction or 0) < 1:
         raise UserError("--valid-fraction and --test-fraction must be in [0, 1)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file, not a folder")
+    if args.dataset == "merge":
+        models.check_out(args.out, args.inputs or [], "--inputs")
+    elif args.dataset != "demo" and args.root:
+        models.check_out(args.out, [args.root], "--root")
+    else:
+        models.check_out(args.out)
     if args.dataset == "merge":
         if not args.inputs or len(args.inputs) < 2:
             raise UserError("merge needs --inputs with at least two prepared folders")
@@ -1463,33 +1545,73 @@ def check_args(args):
         raise FileNotFoundError(f"--root {args.root} is not a folder")
 
 
+REBUILD = ".rebuild"  # an --overwrite build, beside the dataset it replaces once complete
+DRY_RUN = ".dry-run"  # a dry run's tables beside a prepared dataset, which it leaves alone
+
+
+def swap_in(build, out):
+    """Replace OUT's dataset by the complete one in `build` (its meta.json written): OUT's
+    meta.json goes first, so that OUT is not a dataset while its files are replaced, and the
+    build's meta.json comes last. Every build writes every file of PREPARED_FILES, and each
+    step can be repeated, so a run killed here is finished by the next (finish_swap)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "meta.json"))
+    for name in PREPARED_FILES:
+        if os.path.exists(os.path.join(build, name)):
+            os.replace(os.path.join(build, name), os.path.join(out, name))
+    models.fsync_folder(out)
+    shutil.rmtree(build)
+
+
+def finish_swap(out):
+    """Finish the swap of a complete --overwrite build that a killed run left in OUT/.rebuild."""
+    build = os.path.join(out, REBUILD)
+    if os.path.exists(os.path.join(build, "meta.json")):
+        print(f"finishing the replacement of {out} by the complete rebuild in {build}", flush=True)
+        swap_in(build, out)
+
+
 def main(args, stop_after=None):
     check_args(args)
-    if args.dataset == "demo":
-        make_demo(args.out, seed=args.seed)
-        print(f"demo: raw folders written to {args.out}/chexpert, {args.out}/mimic-cxr-jpg, {args.out}/tuberculosis",
-              flush=True)
-        return None
-    if os.path.exists(os.path.join(args.out, "meta.json")):
-        if not args.overwrite:
-            raise UserError(f"{args.out} already holds a prepared dataset; pass --overwrite to rebuild it")
-        os.remove(os.path.join(args.out, "meta.json"))
+    with models.folder_lock(args.out):
+        if args.dataset == "demo":
+            make_demo(args.out, seed=args.seed)
+            print(f"demo: raw folders written to {args.out}/chexpert, {args.out}/mimic-cxr-jpg, "
+                  f"{args.out}/tuberculosis", flush=True)
+            return None
+        finish_swap(args.out)
+        build = args.out
+        if os.path.exists(os.path.join(args.out, "meta.json")):
+            if args.dry_run:
+                build = os.path.join(args.out, DRY_RUN)
+            elif not args.overwrite:
+                raise UserError(f"{args.out} already holds a prepared dataset; pass --overwrite to rebuild it")
+            else:
+                build = os.path.join(args.out, REBUILD)
+        table = prepare(args, build, stop_after)
+        if build != args.out and os.path.exists(os.path.join(build, "meta.json")):
+            swap_in(build, args.out)
+        return table
+
+
+def prepare(args, out, stop_after=None):
+    """Build the dataset of args into `out` (--out, or the rebuild or dry-run folder beside it)."""
     if args.dataset == "merge":
-        models.save_args(args.out, args)
-        return merge(args.inputs, args.out, args.labels)
+        models.save_args(out, args)
+        return merge(args.inputs, out, args.labels)
     if args.download and args.dataset in TORCHVISION:
         download(args)
     spec = DATASETS[args.dataset]
     raw = spec.reader(args)
-    models.save_args(args.out, args)
     table, labels, dropped = finish(raw, spec, args)
+    models.save_args(out, args)
     channels, size = args.channels or spec.channels, args.size or spec.size
     meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
             "pipeline": spec.pipeline, "split_by": args.split_by}
     if args.dry_run:
-        write_labels_csv(os.path.join(args.out, "labels.csv"), table, labels)
-        report(table, labels, args.out)
-        print(f"dry run: metadata only, no image converted; {args.out} is not a prepared dataset (no meta.json)",
+        write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
+        report(table, labels, out)
+        print(f"dry run: metadata only, no image converted; {out} is not a prepared dataset (no meta.json)",
               flush=True)
         return table
     if raw.images is not None:                 # CIFAR: pixels already in memory
@@ -1497,35 +1619,36 @@ def main(args, stop_after=None):
         if size != images.shape[1]:
             images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         table = table.reset_index(drop=True)
-        report(table, labels, args.out)
-        save_prepared(args.out, images, table, labels, spec.task, args.dataset,
+        report(table, labels, out)
+        write_csv(os.path.join(out, "rejects.csv"), pd.DataFrame(columns=["path", "reason"]))
+        save_prepared(out, images, table, labels, spec.task, args.dataset,
                       {**meta, "orig_size": list(raw.images.shape[1:3]), "counts": counts(table)})
         return table
     table = table.reset_index(drop=True)
     refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"]) if not is_inside(f, raw.base)}
-    state = convert_all(table, args.out, size, channels, args.workers, refused, stop_after)
+    state = convert_all(table, out, size, channels, args.workers, refused, stop_after)
     if not state.done.all():
         print(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue", flush=True)
         return None
     rejected = np.zeros(len(table), bool)
     rejected[list(state.rejects)] = True
     rejects = pd.DataFrame({"path": table["path"][rejected], "reason": [state.rejects[i][0] for i in np.flatnonzero(rejected)]})
-    rejects.to_csv(os.path.join(args.out, "rejects.csv"), index=False)
+    write_csv(os.path.join(out, "rejects.csv"), rejects)
     for r in rejects.head(20).itertuples():
         print(f"reject: {r.path}: {r.reason}", flush=True)
     limit = 0 if args.strict else args.max_rejects
-    print(f"rejects: {int(rejected.sum())} of {len(table)} images (list in {args.out}/rejects.csv)", flush=True)
+    print(f"rejects: {int(rejected.sum())} of {len(table)} images (list in {out}/rejects.csv)", flush=True)
     if rejected.mean() > limit:
         raise UserError(f"{int(rejected.sum())} of {len(table)} images rejected ({rejected.mean():.2%} > "
-                        f"{'--strict' if args.strict else f'--max-rejects {limit:.2%}'}); see {args.out}/rejects.csv. "
+                        f"{'--strict' if args.strict else f'--max-rejects {limit:.2%}'}); see {out}/rejects.csv. "
                         "Nothing is lost: fix or allow them and run again")
     keep = ~rejected
-    compact(state, keep, args.out)
+    compact(state, keep, out)
     kept = table[keep].reset_index(drop=True)
-    write_labels_csv(os.path.join(args.out, "labels.csv"), kept, labels)
-    report(kept, labels, args.out)
-    write_meta(args.out, {**meta, "orig_size": [int(v) for v in np.median(state.orig[keep], axis=0)],
-                          "counts": {**counts(kept), "rejected": int(rejected.sum()), "dropped": dropped}})
+    write_labels_csv(os.path.join(out, "labels.csv"), kept, labels)
+    report(kept, labels, out)
+    write_meta(out, {**meta, "orig_size": [int(v) for v in np.median(state.orig[keep], axis=0)],
+                     "counts": {**counts(kept), "rejected": int(rejected.sum()), "dropped": dropped}})
     shutil.rmtree(state.dir, ignore_errors=True)
     return kept
 

@@ -35,6 +35,7 @@ where it stopped; a checkpoint of other training arguments, model or labels is r
 Log lines: `step S/T epoch E loss L lr LR img/s N data P%` and `eval step S epoch E ...`.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -150,9 +151,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (bitwise-reproducible resumes; slower on GPUs)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=models.at_least(0), default=None,
                    help="DataLoader worker processes per rank (default: up to 8, fewer than the CPUs)")
-    p.add_argument("--seed", type=int, default=42,
+    p.add_argument("--seed", type=models.at_least(0), default=42,
                    help="seed of the initialisation, data order and augmentation (paper: 42)")
     p.add_argument("--log-every", type=int, default=20,
                    help=f"steps between log lines (and at least one line every {LOG_SECONDS} s)")
@@ -343,19 +344,20 @@ def main(args):
     for name in ("batch_size", "accum_steps", "epochs", "log_every", "save_every", "image_size"):
         if getattr(args, name) < 1:
             raise models.UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers is not None and args.workers < 0:
-        raise models.UserError("--workers must be 0 or more")
     if args.model not in models.MODEL_NAMES:
         raise models.UserError(f"unknown model {args.model!r}; choose from {', '.join(models.MODEL_NAMES)}")
     if args.init is not None and not os.path.isfile(args.init):
         raise FileNotFoundError(f"--init {args.init} does not exist or is not a file")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise models.UserError(f"--device {args.device}: no CUDA GPU is available here")
+    models.check_out(args.out, args.data, "--data")
     env = models.setup_distributed(args.device)
     args.dtype = args.dtype or models.default_dtype(env.device)
     args.workers = models.default_workers() if args.workers is None else args.workers
     try:
-        return train(args, env)
+        # The folder is this run's (rank 0 writes every file in it): a second run exits 2.
+        with models.folder_lock(args.out) if env.is_master else contextlib.nullcontext():
+            return train(args, env)
     finally:
         models.cleanup_distributed()
 

@@ -442,10 +442,15 @@ def failures_path(args):
 
 def read_table(path):
     """A results or failures CSV as text, exactly as written (a source named NA or 007 stays
-    so); an empty frame when there is none."""
+    so); an empty frame when there is none. One that cannot be read is a one-line error, and
+    is left as it is."""
     if not os.path.exists(path):
         return pd.DataFrame()
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise models.UserError(f"{path}: not a readable results file ({str(e).splitlines()[0]}); "
+                               "move it away or choose another --results") from None
 
 
 def _typed(value):
@@ -494,12 +499,8 @@ def append_row(path, row, columns, key=None):
         new = pd.DataFrame([{c: "" if v is None else v for c, v in row.items()}]).astype(str)
         df = pd.concat([df, new], ignore_index=True) if not df.empty else new
         df = df[[c for c in columns if c in df] + [c for c in df.columns if c not in columns]].fillna("")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with models.atomic_write(path) as f:
             df.to_csv(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return True
 
 
@@ -519,7 +520,8 @@ def record(args, key, task, metrics, ci, per_class, num_train, num_eval, steps, 
     Returns the row."""
     folder = run_dir(args, key)
     models.save_args(folder, args)
-    per_class.to_csv(os.path.join(folder, "per_class.csv"), index=False)
+    with models.atomic_write(os.path.join(folder, "per_class.csv")) as f:
+        per_class.to_csv(f, index=False)
     row = {**key, "source_size": args.source_size, "task": task,
            "headline": headline_name(task == "multilabel", args.pipeline),
            "accuracy": metrics.get("accuracy", float("nan")), "auc": metrics["auc"], "map": metrics["map"],
@@ -619,7 +621,9 @@ def add_common_arguments(parser):
                         help="number of pre-training images, recorded for the size plot")
     parser.add_argument("--target", default=None,
                         help="name of the target in the results (default: meta.json name or folder name)")
-    parser.add_argument("--out", default="runs/transfer", help="output folder")
+    parser.add_argument("--out", default="runs/transfer",
+                        help="output folder, one run or grid at a time (for grids at the same time: one "
+                             "--out each and a shared --results)")
     parser.add_argument("--results", default=None,
                         help="results CSV (default: OUT/results.csv); failures.csv is written beside it")
     parser.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
@@ -663,7 +667,8 @@ def add_common_arguments(parser):
 def get_args_parser():
     parser = models.ArgumentParser(description="BiT-HyperRule transfer of a pre-trained model to a target.")
     add_common_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of batch order, augmentation, MixUp")
+    parser.add_argument("--seed", type=models.at_least(0), default=0,
+                        help="seed of batch order, augmentation, MixUp")
     return parser
 
 
@@ -690,10 +695,11 @@ def check_device(device):
         raise models.UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
 
 
-def finish_args(args, seeds):
+def finish_args(args):
     """Check the flags and fill in the derived defaults (source, target, pipeline, dtype)."""
     if not args.data:
         raise models.UserError("--data is required")
+    models.check_out(args.out, [args.data], "--data")
     meta = read_meta(args.data)
     check_device(args.device)
     for flag in ("batch_size", "batch_split", "steps", "resize", "crop", "log_every"):
@@ -706,9 +712,6 @@ def finish_args(args, seeds):
         raise models.UserError(f"--lr must be > 0, got {args.lr}")
     if args.mixup is not None and args.mixup < 0:
         raise models.UserError(f"--mixup must be >= 0, got {args.mixup}")
-    bad = [s for s in seeds if s < 0]
-    if bad:
-        raise models.UserError(f"seeds must be >= 0, got {bad[0]}")
     if args.source is None:
         args.source = default_source(args.init)
     if args.target is None:
@@ -729,10 +732,11 @@ def stopped_exit(e, args):
 
 
 def main(args):
-    finish_args(args, [args.seed])
+    finish_args(args)
     env = models.setup_distributed(args.device)
     try:
-        with models.StopSignals() as stop:
+        with models.folder_lock(args.out) if env.is_master else contextlib.nullcontext(), \
+                models.StopSignals() as stop:
             train, evalset, split = load_target(args.data)
             models.print0(f"target {args.target}: {len(train)} train, {len(evalset)} {split}, "
                           f"task {train.meta['task']}, labels {len(train.labels)}, pipeline {args.pipeline}")

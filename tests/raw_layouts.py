@@ -40,7 +40,7 @@ def chexpert(root, n=24, seed=0, size=32, folder="CheXpert-v1.0-small"):
         patient = i // 2 + 1
         split = "valid" if patient % 4 == 0 else "train"
         lateral = i % 5 == 4
-        rel = f"{folder}/{split}/patient{patient:05d}/study1/" + ("view2_lateral.jpg" if lateral else "view1_frontal.jpg")
+        rel = f"{folder}/{split}/patient{patient:05d}/study{i % 2 + 1}/" + ("view2_lateral.jpg" if lateral else "view1_frontal.jpg")
         cells = [["1.0", "0.0", "-1.0", ""][int(rng.integers(4))] for _ in CHEXPERT_COLUMNS]
         save(os.path.join(root, rel), image(rng, size, 0.3 + 0.4 * (cells[1] == "1.0")), quality=95)
         view = ("", "Lateral") if lateral else ("PA" if i % 3 else "AP", "Frontal")

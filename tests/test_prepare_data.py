@@ -129,6 +129,7 @@ def test_chexpert_label_rules_and_views(tmp_path, uncertain, blank):
     train = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
     special = train.iloc[0].copy()
     special["No Finding"], special["Cardiomegaly"], special["Support Devices"] = "1.0", "-1.0", "1.0"
+    special["Path"] = special["Path"].replace("view1_frontal", "view3_frontal")  # a file listed once
     train = pd.concat([train, special.to_frame().T], ignore_index=True)
     train.to_csv(root / "train.csv", index=False)
     out = tmp_path / "out"
@@ -353,7 +354,7 @@ def test_covidx_real_lists_with_space_in_patient(tmp_path):
     shutil.copy(REAL / "metadata" / "covidx_cxr2_test.sample.txt", root / "test.txt")
     run(["--dataset", "covidx", "--root", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
     t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype=str, keep_default_na=False)
-    assert len(t) == len(train.splitlines()) + 50
+    assert len(t) == len({P.parse_covidx_line(line)[1] for line in train.splitlines()}) + 50  # the two lists share files
     row = t[t.path == "train/COVID(1).png"].iloc[0]
     assert row.patient == "COVID 1" and row.positive == "1" and row.negative == "0"
     assert (t[["negative", "positive"]].astype(int).sum(axis=1) == 1).all()
@@ -484,11 +485,12 @@ def test_bad_metadata_is_one_line_naming_file_line_column(tmp_path):
     packed = gzip.compress(b"path,finding\n" + b"".join(b"%d.png,1\n" % i for i in range(5000)))
     (tmp_path / "t.csv.gz").write_bytes(packed[:len(packed) // 2])
     (tmp_path / "split.csv").write_text("path,finding,split\na.png,1,train\nb.png,0,train\n")
+    (tmp_path / "images").mkdir()  # --root: the output folder must not lie inside it
     for name, message in (("stray.csv", "stray.csv line 152 column 'finding': 'yes' is not 1, 0, -1 or empty"),
                           ("latin1.csv", "latin1.csv: unreadable table"), ("t.csv.gz", "t.csv.gz: unreadable table"),
                           ("split.csv", "the test split is empty")):
-        r = cli("--dataset", "csv", "--root", str(tmp_path), "--labels-csv", str(tmp_path / name), "--out",
-                str(tmp_path / "o"), "--dry-run", "--test-fraction", "0.5")
+        r = cli("--dataset", "csv", "--root", str(tmp_path / "images"), "--labels-csv", str(tmp_path / name),
+                "--out", str(tmp_path / "o"), "--dry-run", "--test-fraction", "0.5")
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, \
             (name, r.stderr)
 

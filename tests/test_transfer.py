@@ -355,7 +355,7 @@ def test_sigterm_stops_with_one_line(tmp_path):
     (["--data", "DATA", "--batch-size", "3", "--batch-split", "2", "--steps", "1"], "not divisible"),
     (["--data", "DATA", "--model", "R999x9"], "invalid choice"),
     (["--data", "DATA", "--steps", "0"], "at least 1"),
-    (["--data", "DATA", "--seed", "-1"], "seeds must be >= 0"),
+    (["--data", "DATA", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
     (["--data", "DATA", "--device", "cuda"] if not torch.cuda.is_available() else ["--data", "DATA", "--device", "bogus"],
      "no CUDA GPU" if not torch.cuda.is_available() else "is not a device"),
     (["--data", "DATA", "--init", "."], "is a folder"),
