@@ -4,11 +4,13 @@ script, and a tiny run of every target through prepare, transfer and summary."""
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+import prepare_data as P
+import raw_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE_AXIS = ["chexpert", "chexpert_mimic", "chexpert_mimic_nih", "chexpert_mimic_nih_padchest",
@@ -84,7 +86,6 @@ def test_demo_plan_honours_settings(tmp_path):
 
 
 def test_plan_of_every_raw_layout_shows_the_scale_axis(tmp_path):
-    raw_layouts = pytest.importorskip("raw_layouts", reason="tests/raw_layouts.py (the raw layout writers) absent")
     data = tmp_path / "data"
     raw_layouts.write_all(data)
     (data / "weights").mkdir(exist_ok=True)
@@ -121,7 +122,6 @@ def test_failing_jobs_are_listed_and_the_rest_runs(tmp_path):
 def test_every_target_end_to_end(tmp_path):
     """The real-data branch over tiny layouts of every target (Flowers at 10 per class), from
     scratch, through prepare, transfer and the summary."""
-    raw_layouts = pytest.importorskip("raw_layouts", reason="tests/raw_layouts.py (the raw layout writers) absent")
     data = tmp_path / "data"
     raw_layouts.write_all(data)
     shutil.rmtree(data / "flowers102")
@@ -143,8 +143,6 @@ def test_every_target_end_to_end(tmp_path):
 def test_demo_sources_share_their_labels(tmp_path):
     """The demo's raw folders parse with the real readers, and its two sources (CheXpert alone,
     CheXpert + MIMIC) have the same 13 labels, so the demo compares sizes, not label sets."""
-    sys.path.insert(0, str(ROOT))
-    import prepare_data as P
     P.make_demo(tmp_path / "raw", n_chexpert=30, n_mimic=40, n_target=10, image_size=32)
     prepared = {}
     for name, raw in (("chexpert", "chexpert"), ("mimic", "mimic-cxr-jpg"), ("tuberculosis", "tuberculosis")):
