@@ -9,34 +9,19 @@ the device, in the same process; prints both in images/s, the loader's cost, and
 Without --data a synthetic grayscale prepared folder (--source-size px) is written to a
 temporary folder first.
 """
-import argparse
 import os
 import resource
 import sys
 import tempfile
 import time
 
-import numpy as np
-import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the scripts; the tests' prepared-folder writer
 import models  # noqa: E402
 import pretrain  # noqa: E402
-from prepare_data import save_prepared  # noqa: E402
-
-
-def synthetic_prepared(folder, n, size, n_labels=14):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
-    labels = [f"L{i}" for i in range(n_labels)]
-    table = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
-                          "view": "PA", "split": "train"})
-    for label in labels:
-        table[label] = rng.choice([0.0, 1.0, np.nan], n)
-    save_prepared(folder, images, table, labels, "multilabel", name="synthetic",
-                  extra_meta={"orig_size": [size, size]})
-    return folder
+from prepared import write_prepared  # noqa: E402
 
 
 def timed(run_step, steps, warmup, device):
@@ -52,9 +37,8 @@ def timed(run_step, steps, warmup, device):
     return time.perf_counter() - t
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser():
+    p = models.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data", default=None, help="prepared folder (default: synthetic)")
     p.add_argument("--model", default="R14x1", help="model name")
@@ -67,12 +51,15 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    a = p.parse_args()
+    return p
+
+
+def main(a):
     device = torch.device(a.device)
     tmp = tempfile.TemporaryDirectory()
-    data = a.data or synthetic_prepared(os.path.join(tmp.name, "synthetic"),
-                                        a.batch_size * (2 * a.warmup + 2 * a.steps),
-                                        a.source_size or a.image_size * 8 // 7)
+    data = a.data or str(write_prepared(
+        os.path.join(tmp.name, "synthetic"), a.batch_size * (2 * a.warmup + 2 * a.steps), 0,
+        [f"L{i}" for i in range(14)], "multilabel", a.source_size or a.image_size * 8 // 7))
     # pretrain's own settings (augmentation, seeds), so the measured pipeline is the real one
     args = pretrain.resolve_recipe(pretrain.get_args_parser().parse_args(
         ["--data", data, "--out", tmp.name, "--image-size", str(a.image_size), "--dtype", a.dtype,
@@ -117,4 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    models.run_cli(main, get_args_parser())

@@ -8,7 +8,6 @@ table (headline metric, mean and std over seeds, per source and shots).
 Only committed files reach the clone: commit before timing. Extra environment (SEEDS, SHOTS,
 ...) passes through to run_all.sh.
 """
-import argparse
 import os
 import shutil
 import subprocess
@@ -19,11 +18,12 @@ import time
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import models  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = models.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=ROOT, help="repository to clone (default: this one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
     return p

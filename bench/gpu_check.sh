@@ -15,18 +15,11 @@ python3 bench/bench_pretrain.py --device cuda --model R50x1 --image-size 224 --b
     --dtype bf16 --channels-last --steps 20 --workers 8
 
 python3 - "$T" <<'PY'
-import sys, numpy as np, pandas as pd
-sys.path.insert(0, ".")
-from prepare_data import save_prepared
-rng = np.random.default_rng(0)
-for name, n, labels, task in [("source", 512, ["A", "B", "C"], "multilabel"), ("target", 256, ["no", "yes"], "multiclass")]:
-    y = rng.integers(0, 2, (n, len(labels))) if task == "multilabel" else np.eye(2)[rng.integers(0, 2, n)]
-    t = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)], "view": "PA",
-                      "split": np.where(np.arange(n) < n * 3 // 4, "train", "test" if task == "multiclass" else "valid")})
-    for j, l in enumerate(labels):
-        t[l] = y[:, j]
-    save_prepared(f"{sys.argv[1]}/{name}", rng.integers(0, 256, (n, 80, 80, 1), dtype=np.uint8), t, labels, task,
-                  name=name, extra_meta={"orig_size": [1024, 1024]})
+import sys
+sys.path[:0] = [".", "tests"]  # the scripts; the tests' prepared-folder writer
+from prepared import write_prepared
+write_prepared(f"{sys.argv[1]}/source", 384, 128, ["A", "B", "C"], "multilabel", 80, eval_split="valid")
+write_prepared(f"{sys.argv[1]}/target", 192, 64, ["no", "yes"], "multiclass", 80)
 PY
 python3 -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py --data "$T/source" --out "$T/pre" --model R50x1 \
     --image-size 64 --batch-size 64 --epochs 3 --warmup-steps 2 --lr 0.01 --dtype bf16 --channels-last \

@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the top level
 
+from prepared import write_prepared  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -15,3 +17,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """prepared(name, **settings) writes a tiny prepared folder tmp_path/name (see
+    prepared.write_prepared for the settings) and returns its path."""
+    return lambda name, **settings: write_prepared(tmp_path / name, **settings)

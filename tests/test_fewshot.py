@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT))
 import fewshot  # noqa: E402
 import models  # noqa: E402
 import transfer  # noqa: E402
-from test_transfer import make_dataset  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
         "--bootstrap", "20"]
@@ -96,7 +95,7 @@ def test_fit_logistic_multinomial_matches_sklearn():
     x = rng.normal(size=(120, 6))
     cls = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.8, size=120) > 0).astype(int) + (x[:, 2] > 1)
     w, b = fewshot.fit_logistic(x, onehot(cls, 3), multilabel=False, c=0.5)
-    ours = torch_softmax(x @ w.double().numpy() + b.double().numpy())
+    ours = softmax(x @ w.double().numpy() + b.double().numpy())
     ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=5000).fit(x, cls).predict_proba(x)
     assert np.abs(ours - ref).max() < 1e-3
 
@@ -115,7 +114,7 @@ def test_fit_logistic_multilabel_one_vs_rest_masks_unknown():
         assert np.abs(ours - ref.predict_proba(x)[:, 1]).max() < 1e-3
 
 
-def torch_softmax(z):
+def softmax(z):
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
@@ -164,8 +163,8 @@ def test_summarize_exact_means_and_stds(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------
 # End to end
 
-def test_fewshot_finetune_grid_and_resume_skip(tmp_path, capsys):
-    data = make_dataset(tmp_path / "tb", n_train=15)
+def test_fewshot_finetune_grid_and_resume_skip(prepared, tmp_path, capsys):
+    data = prepared("tb", n_train=15)
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--steps", "2",
             "--source", "nih", "--source-size", "50"] + TINY
@@ -182,8 +181,8 @@ def test_fewshot_finetune_grid_and_resume_skip(tmp_path, capsys):
     assert len(summary) == 2 and (out / "fewshot.png").exists() and (out / "source_size.png").exists()
 
 
-def test_linear_probe_grid(tmp_path, capsys):
-    data = make_dataset(tmp_path / "tb", n_train=30)
+def test_linear_probe_grid(prepared, tmp_path, capsys):
+    data = prepared("tb", n_train=30)
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--shots", "1", "5", "full", "--seeds", "0", "1",
             "--linear-probe"] + TINY
@@ -200,8 +199,8 @@ def test_linear_probe_grid(tmp_path, capsys):
     assert capsys.readouterr().out.count("skip method=linear") == 6
 
 
-def test_multilabel_modes(tmp_path):
-    data = make_dataset(tmp_path / "px", task="multilabel", n_train=24, n_test=12)
+def test_multilabel_modes(prepared, tmp_path):
+    data = prepared("px", task="multilabel", n_train=24, n_eval=12)
     out = tmp_path / "out"
     base = ["--data", str(data), "--out", str(out), "--shots", "1", "2", "--seeds", "0", "--linear-probe"] + TINY
     single = fewshot.main(fewshot.get_args_parser().parse_args(base + ["--multilabel-mode", "single"]))
@@ -213,8 +212,8 @@ def test_multilabel_modes(tmp_path):
     assert set(pd.read_csv(out / "results.csv")["target"]) == {"px", "px_single"}
 
 
-def test_grid_truncates_short_classes_and_oversamples_full_shot_only(tmp_path, capsys, monkeypatch):
-    data = make_dataset(tmp_path / "tb", n_train=15)  # 5 per class
+def test_grid_truncates_short_classes_and_oversamples_full_shot_only(prepared, tmp_path, capsys, monkeypatch):
+    data = prepared("tb", n_train=15)  # 5 per class
     calls = []
     real = transfer.oversampling_weights
     monkeypatch.setattr(transfer, "oversampling_weights", lambda t: calls.append(len(t)) or real(t))
@@ -226,8 +225,8 @@ def test_grid_truncates_short_classes_and_oversamples_full_shot_only(tmp_path, c
         in capsys.readouterr().out
 
 
-def test_failing_cell_does_not_stop_the_grid(tmp_path, capsys, monkeypatch):
-    data = make_dataset(tmp_path / "tb", n_train=15)
+def test_failing_cell_does_not_stop_the_grid(prepared, tmp_path, capsys, monkeypatch):
+    data = prepared("tb", n_train=15)
     real, calls = models.loss_fn, []
 
     def loss_nan_in_first_run(logits, y, multilabel):  # the first fine-tune diverges
@@ -250,8 +249,8 @@ def test_failing_cell_does_not_stop_the_grid(tmp_path, capsys, monkeypatch):
     assert sorted(pd.read_csv(out / "results.csv")["shots"]) == [1, 2]
 
 
-def test_ctrl_c_keeps_finished_rows(tmp_path):
-    data = make_dataset(tmp_path / "tb", n_train=15)
+def test_ctrl_c_keeps_finished_rows(prepared, tmp_path):
+    data = prepared("tb", n_train=15)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "fewshot.py"), "--data", str(data), "--out", str(out),
                              "--shots", "1", "--seeds", "0", "1", "2", "--steps", "30"]
@@ -281,8 +280,8 @@ def test_ctrl_c_keeps_finished_rows(tmp_path):
     (["--summarize", "CSV_OK", "--source-sizes", "nih"], "NAME=COUNT"),
     (["--shots", "1"], "--data is required"),
 ])
-def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
-    data = make_dataset(tmp_path / "d", n_train=15)
+def test_bad_input_one_line_exit_2(prepared, tmp_path, capsys, argv, message):
+    data = prepared("d", n_train=15)
     pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
     hand_made_results(tmp_path / "ok.csv")
     subs = {"DATA": str(data), "CSV": str(tmp_path / "bad.csv"), "CSV_OK": str(tmp_path / "ok.csv")}

@@ -24,6 +24,9 @@ from models import UserError  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata not present")
+# Expectations are written here, not taken from prepare_data: the label names are raw_layouts'
+# (R.NIH_FINDINGS, R.CHEXPERT_COLUMNS), the views the paper's five kept for pre-training.
+PAPER_VIEWS = ["PA", "AP", "AP Supine", "L", "COSTAL"]
 
 
 def run(argv, stop_after=None):
@@ -55,7 +58,7 @@ def test_nih_labels_official_and_patient_splits(tmp_path):
                  "--split-by", "patient"])
     meta, t, images = prepared(tmp_path / "out")
     assert images.shape == (60, 16, 16, 1) and meta["orig_size"] == [40, 40] and meta["task"] == "multilabel"
-    assert meta["labels"] == sorted(P.NIH_LABELS)
+    assert meta["labels"] == sorted(R.NIH_FINDINGS)
     entry = pd.read_csv(raw / "Data_Entry_2017_v2020.csv").set_index("Image Index")
     for row in t.itertuples(index=False):
         name = row.path.split("/")[-1]
@@ -89,7 +92,7 @@ def test_nih_real_excerpt_eleven_field_rows(tmp_path):
         assert len(fields) == 11
         assert row.path == "images/" + fields[0] and row.patient == fields[3] and row.view == fields[6]
         tokens = set(fields[1].split("|"))
-        assert {l for l in P.NIH_LABELS if t.loc[t.path == row.path, l].item() == "1"} == tokens - {"No Finding"}
+        assert {l for l in R.NIH_FINDINGS if t.loc[t.path == row.path, l].item() == "1"} == tokens - {"No Finding"}
     assert not (tmp_path / "out" / "meta.json").exists() and (tmp_path / "out" / "label_stats.csv").exists()
 
 
@@ -114,7 +117,7 @@ def check_chexpert_rows(raw_rows, t, uncertain, blank):
     assert len(raw_rows) == len(t)
     for (_, raw), (_, row) in zip(raw_rows.iterrows(), t.iterrows()):
         assert row["path"] == raw["Path"]
-        for name in P.CHEXPERT_LABELS:
+        for name in R.CHEXPERT_COLUMNS:
             col = "Effusion" if name == "Pleural Effusion" else name
             exp, got = expected_chexpert(raw, name, uncertain, blank), row[col]
             assert (np.isnan(exp) and np.isnan(got)) or exp == got, (raw["Path"], name, exp, got)
@@ -140,7 +143,7 @@ def test_chexpert_label_rules_and_views(tmp_path, uncertain, blank):
                      pd.read_csv(root / "valid.csv", dtype=str, keep_default_na=False).assign(split="valid")],
                     ignore_index=True)
     views = raw["AP/PA"].where(raw["Frontal/Lateral"] == "Frontal", "L")
-    raw = raw[views.isin(P.PRETRAIN_VIEWS)].reset_index(drop=True)
+    raw = raw[views.isin(PAPER_VIEWS)].reset_index(drop=True)
     check_chexpert_rows(raw, t, uncertain, blank)
     assert list(t.split) == list(raw.split) and set(t.view) == {"AP", "PA", "L"}
     special_row = t[t.split == "train"].iloc[-1]                    # the No Finding row
@@ -163,7 +166,7 @@ def test_chexpert_real_excerpt(tmp_path):
     t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str, "view": str})
     raw = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
     views = raw["AP/PA"].where(raw["Frontal/Lateral"] == "Frontal", "L")
-    raw = raw[views.isin(P.PRETRAIN_VIEWS)].reset_index(drop=True)
+    raw = raw[views.isin(PAPER_VIEWS)].reset_index(drop=True)
     check_chexpert_rows(raw, t, "ignore", "ignore")
     assert t.patient.str.match(r"patient\d{5}$").all() and t.path.str.startswith("CheXpert-v1.0-small/").all()
 
@@ -175,7 +178,7 @@ def test_mimic_layout_splits_and_views(tmp_path):
     for k in range(12):
         subject, study = 10000000 + k, 50000000 + k
         labels.append({"subject_id": subject, "study_id": study, "No Finding": 1.0 if k % 3 == 0 else np.nan,
-                       **{n: [1.0, 0.0, -1.0, np.nan][(k + i) % 4] for i, n in enumerate(P.CHEXPERT_LABELS)}})
+                       **{n: [1.0, 0.0, -1.0, np.nan][(k + i) % 4] for i, n in enumerate(R.CHEXPERT_COLUMNS)}})
         for j, view in enumerate(["PA", "LATERAL"]):
             dicom = f"d{k}_{j}"
             meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
@@ -198,7 +201,7 @@ def test_mimic_layout_splits_and_views(tmp_path):
         assert row.split == ["train", "valid", "test"][k % 3]
         raw = {n: ("" if np.isnan(v) else str(v)) if isinstance(v, float) else v for n, v in lab.iloc[k].items()}
         raw["No Finding"] = "1.0" if lab.iloc[k]["No Finding"] == 1 else ""
-        for n in P.CHEXPERT_LABELS:
+        for n in R.CHEXPERT_COLUMNS:
             exp = expected_chexpert(raw, n)
             got = t.loc[t.path == row.path, "Effusion" if n == "Pleural Effusion" else n].item()
             assert (np.isnan(exp) and np.isnan(got)) or exp == got
@@ -278,12 +281,12 @@ def test_padchest_real_excerpt_labels_views_and_paper_split(tmp_path):
     run(argv + ["--out", str(tmp_path / "out")])
     t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str, "patient": str, "view": str})
     raw = pd.read_csv(root / P.PADCHEST_CSV, dtype=str)
-    paper = paper_padchest_split(raw, ["PA", "AP", "AP Supine", "L", "COSTAL"])
+    paper = paper_padchest_split(raw, PAPER_VIEWS)
     empty = paper["Labels"].map(lambda c: not [s for s in ast.literal_eval(c) if s.strip()])
     assert empty.sum() == 1 and (raw.Projection == "AP_horizontal").any()
     paper = paper[~empty]                          # counted in the split, then dropped
     assert list(t.path) == list(paper.ImageDir + "/" + paper.ImageID) and list(t.split) == list(paper.split)
-    assert set(t.view) == {"PA", "AP", "AP Supine", "L", "COSTAL"}
+    assert set(t.view) == set(PAPER_VIEWS)
     for row, cell in zip(t.itertuples(index=False), paper.Labels):
         assert {n: getattr(row, n.replace(" ", "_")) if " " not in n else t.loc[t.path == row.path, n].item()
                 for n in PADCHEST_27} == expected_padchest(cell)
@@ -675,7 +678,7 @@ def test_merge_intersection_and_union(tmp_path, capsys):
     run(["--dataset", "merge", "--inputs", str(tmp_path / "p_nih"), str(tmp_path / "p_chx"), "--out",
          str(tmp_path / "u"), "--labels", "union"])
     meta, t, _ = prepared(tmp_path / "u")
-    assert set(meta["labels"]) == set(P.NIH_LABELS) | {"Effusion" if l == "Pleural Effusion" else l for l in P.CHEXPERT_LABELS}
+    assert set(meta["labels"]) == set(R.NIH_FINDINGS) | {"Effusion" if l == "Pleural Effusion" else l for l in R.CHEXPERT_COLUMNS}
     assert t["Hernia"].iloc[len(tn):].isna().all() and t["Support Devices"].iloc[:len(tn)].isna().all()
     assert t["Hernia"].iloc[:len(tn)].notna().all()
     ds = P.PreparedDataset(str(tmp_path / "u"), "train")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,36 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 import pretrain  # noqa: E402
-from prepare_data import save_prepared  # noqa: E402
+from prepared import write_prepared  # noqa: E402
 
 TINY = ["--model", "R14x1", "--image-size", "24", "--batch-size", "8", "--warmup-steps", "2",
         "--dtype", "fp32", "--workers", "0", "--lr", "0.3", "--allow-any-schedule"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def make_prepared(out, n_train=32, n_valid=8, labels=("A", "B", "C"), seed=0, size=24,
-                  task="multilabel", views=("PA",), val_split="valid"):
-    rng = np.random.default_rng(seed)
-    n = n_train + n_valid
-    images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
-    if task == "multilabel":
-        y = rng.integers(0, 2, (n, len(labels))).astype(float)
-        y[rng.random(y.shape) < 0.2] = np.nan
-    else:
-        y = np.eye(len(labels))[rng.integers(0, len(labels), n)]
-    table = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
-                          "view": [views[i % len(views)] for i in range(n)],
-                          "split": ["train"] * n_train + [val_split] * n_valid})
-    for j, label in enumerate(labels):
-        table[label] = y[:, j]
-    save_prepared(out, images, table, list(labels), task, name=Path(out).name,
-                  extra_meta={"orig_size": [size, size]})
-    return str(out)
+# the sources of these tests: multi-label with a validation split, stored at --image-size
+SOURCE = {"n_train": 32, "n_eval": 8, "labels": ("A", "B", "C"), "task": "multilabel", "size": 24,
+          "eval_split": "valid"}
+
+
+def source(prepared, name, **changes):
+    return str(prepared(name, **{**SOURCE, **changes}))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_prepared(tmp_path_factory.mktemp("data") / "toy")
+    return str(write_prepared(tmp_path_factory.mktemp("data") / "toy", **SOURCE))
 
 
 def run_main(argv):
@@ -196,9 +184,9 @@ def test_rng_state_survives_weights_only_checkpoint(tmp_path):
     assert state["step"] == 7
 
 
-def test_sources_are_united_with_unknown_labels(tmp_path):
-    a = make_prepared(tmp_path / "a", 4, 1, labels=("A", "B"), seed=1)
-    b = make_prepared(tmp_path / "b", 3, 1, labels=("B", "C"), seed=2)
+def test_sources_are_united_with_unknown_labels(prepared):
+    a = source(prepared, "a", n_train=4, n_eval=1, labels=("A", "B"), seed=1)
+    b = source(prepared, "b", n_train=3, n_eval=1, labels=("B", "C"), seed=2)
     ds = pretrain.SourceDataset([a, b], "train")
     assert ds.labels == ["A", "B", "C"] and len(ds) == 7
     x, y = ds.__getitems__([5, 0, 6])
@@ -302,9 +290,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, cap
     assert not (out / "model.pt").exists()
 
 
-def test_tiny_end_to_end_two_sources(tmp_path, capsys, monkeypatch):
-    a = make_prepared(tmp_path / "a", 16, 4, labels=("A", "B"), seed=1, views=("PA", "AP", "L"))
-    b = make_prepared(tmp_path / "b", 16, 4, labels=("B", "C"), seed=2)
+def test_tiny_end_to_end_two_sources(prepared, tmp_path, capsys, monkeypatch):
+    a = source(prepared, "a", n_train=16, n_eval=4, labels=("A", "B"), seed=1, views=("PA", "AP", "L"))
+    b = source(prepared, "b", n_train=16, n_eval=4, labels=("B", "C"), seed=2)
     out = tmp_path / "run"
     argv = ["--data", a, "--data", b, "--out", str(out), "--epochs", "2", "--log-every", "2",
             "--channels-last"] + TINY
@@ -347,14 +335,14 @@ def test_tiny_end_to_end_two_sources(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "init" / "model.pt").exists()
 
 
-def test_resume_refuses_other_training_and_bad_checkpoints(data, tmp_path, capsys):
+def test_resume_refuses_other_training_and_bad_checkpoints(data, prepared, tmp_path, capsys):
     out = str(tmp_path / "run")
     argv = ["--data", data, "--out", out, "--epochs", "1", "--log-every", "10"] + TINY
     run_main(argv)
     assert "--lr is 0.3 in the checkpoint but 0.2 now" in cli(
         argv + ["--resume", "--lr", "0.2"], capsys)
     assert "labels are ['A', 'B', 'C'] but the data's are ['A', 'B', 'D']" in cli(
-        ["--data", make_prepared(tmp_path / "d", labels=("A", "B", "D"))] + argv[2:] + ["--resume"], capsys)
+        ["--data", source(prepared, "d", labels=("A", "B", "D"))] + argv[2:] + ["--resume"], capsys)
     capsys.readouterr()
     # on purpose: the change is said in one line, the run goes on (here: nothing left to do)
     run_main(argv + ["--resume", "--lr", "0.2", "--resume-changed", "--workers", "1"])
@@ -366,10 +354,10 @@ def test_resume_refuses_other_training_and_bad_checkpoints(data, tmp_path, capsy
     assert "is not a pretrain.py checkpoint" in cli(argv + ["--resume"], capsys)
 
 
-def test_validation_falls_back_to_the_test_split(tmp_path, capsys):
+def test_validation_falls_back_to_the_test_split(prepared, tmp_path, capsys):
     for split, expected in [("test", "no 'valid' split: validating on the 'test' split (8 images)"),
                             ("train", "no 'valid' or 'test' split: no validation, no best.pt")]:
-        data = make_prepared(tmp_path / split, n_train=8, val_split=split)
+        data = source(prepared, split, n_train=8, eval_split=split)
         out = tmp_path / f"run_{split}"
         run_main(["--data", data, "--out", str(out), "--epochs", "1"] + TINY)
         assert expected in capsys.readouterr().out

@@ -19,34 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 import transfer  # noqa: E402
-from prepare_data import save_prepared  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
         "--bootstrap", "50"]
-
-
-def make_dataset(folder, task="multiclass", labels=("a", "b", "c"), n_train=12, n_test=9, size=16, seed=0):
-    """A tiny prepared dataset whose classes differ by brightness of the left part. Multi-label:
-    the first rows of the train split have exactly one positive each (one per label, twice)."""
-    rng = np.random.default_rng(seed)
-    n, c = n_train + n_test, len(labels)
-    if task == "multiclass":
-        y = np.eye(c)[np.arange(n) % c]
-    else:
-        y = (rng.random((n, c)) < 0.5).astype(float)
-        y[rng.random(y.shape) < 0.1] = np.nan
-        y[: 2 * c] = np.eye(c)[np.arange(2 * c) % c]
-        y[n_train: n_train + c] = np.eye(c)
-    images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
-    for i in range(n):
-        images[i, :, : size * (1 + int(np.nan_to_num(y[i]).argmax())) // (c + 1)] += 150
-    table = pd.DataFrame({"path": [f"im{i}.png" for i in range(n)], "patient": [str(i) for i in range(n)],
-                          "view": "PA", "split": ["train"] * n_train + ["test"] * n_test})
-    for j, name in enumerate(labels):
-        table[name] = y[:, j]
-    save_prepared(str(folder), images, table, list(labels), task, name=Path(folder).name,
-                  extra_meta={"orig_size": [size, size]})
-    return folder
 
 
 def run_cli_capture(capsys, main, parser, argv):
@@ -170,8 +145,8 @@ def test_bootstrap_ci_seeded_and_brackets_estimate():
 # ----------------------------------------------------------------------------------------
 # End to end
 
-def test_transfer_end_to_end_and_resume_skip(tmp_path, capsys):
-    data = make_dataset(tmp_path / "tb")
+def test_transfer_end_to_end_and_resume_skip(prepared, tmp_path, capsys):
+    data = prepared("tb")
     out = tmp_path / "out"
     args = transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(out), "--steps", "3",
                                                   "--source-size", "1234", "--save"] + TINY)
@@ -202,8 +177,8 @@ def test_transfer_end_to_end_and_resume_skip(tmp_path, capsys):
     assert len(pd.read_csv(out / "results.csv")) == 1
 
 
-def test_multilabel_target_oversampling_batch_split_mixup(tmp_path):
-    data = make_dataset(tmp_path / "ml", task="multilabel", n_train=10, n_test=10)
+def test_multilabel_target_oversampling_batch_split_mixup(prepared, tmp_path):
+    data = prepared("ml", task="multilabel", n_train=10, n_eval=10)
     args = transfer.get_args_parser().parse_args(
         ["--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2", "--batch-split", "2",
          "--oversample", "--mixup", "0.1", "--seed", "1"] + TINY)
@@ -268,7 +243,7 @@ def test_agc_finetune_step_matches_the_formula():
     assert transfer.make_optimizer(model, bit)[1] is None and not bit["nesterov"] and bit["batch_size"] == 512
 
 
-def test_chest_pipeline_settings_and_run(tmp_path):
+def test_chest_pipeline_settings_and_run(prepared, tmp_path):
     parser = transfer.get_args_parser()
     chest = transfer.settings(parser.parse_args(["--data", "x", "--pipeline", "chest"]), 100, (2000, 2000))
     assert (chest["resize"], chest["crop"], chest["schedule"][-1]) == (224, 224, 500)
@@ -277,7 +252,7 @@ def test_chest_pipeline_settings_and_run(tmp_path):
     assert (bit["resize"], bit["crop"], bit["augment"]) == (512, 480, {})
     assert transfer.long_cpu_run_note("cpu", bit).startswith("note: 500 steps of batch 128 at 480 px")
     assert transfer.long_cpu_run_note("cuda", bit) is None
-    data = make_dataset(tmp_path / "px")
+    data = prepared("px")
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "pipeline": "chest"}))
     row = transfer.main(parser.parse_args(["--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2"]
@@ -285,8 +260,8 @@ def test_chest_pipeline_settings_and_run(tmp_path):
     assert row["pipeline"] == "chest" and row["headline"] == "auc" and row["input_norm"] == "bit"
 
 
-def test_nonfinite_loss_is_a_failure_not_a_row(tmp_path, capsys, monkeypatch):
-    data = make_dataset(tmp_path / "tb")
+def test_nonfinite_loss_is_a_failure_not_a_row(prepared, tmp_path, capsys, monkeypatch):
+    data = prepared("tb")
     monkeypatch.setattr(models, "loss_fn", lambda logits, y, multilabel: logits.sum() * float("nan"))
     with pytest.raises(SystemExit) as exc:
         transfer.main(transfer.get_args_parser().parse_args(["--data", str(data), "--out", str(tmp_path / "o"),
@@ -329,8 +304,8 @@ def test_concurrent_appends_lose_no_row(tmp_path):
     assert len(transfer.read_table(path)) == 45
 
 
-def test_sigterm_stops_with_one_line(tmp_path):
-    data = make_dataset(tmp_path / "tb")
+def test_sigterm_stops_with_one_line(prepared, tmp_path):
+    data = prepared("tb")
     proc = subprocess.Popen([sys.executable, str(ROOT / "transfer.py"), "--data", str(data), "--out",
                              str(tmp_path / "o"), "--steps", "100000"] + TINY,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -360,8 +335,8 @@ def test_sigterm_stops_with_one_line(tmp_path):
      "no CUDA GPU" if not torch.cuda.is_available() else "is not a device"),
     (["--data", "DATA", "--init", "."], "is a folder"),
 ])
-def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
-    data = make_dataset(tmp_path / "d")
+def test_bad_input_one_line_exit_2(prepared, tmp_path, capsys, argv, message):
+    data = prepared("d")
     argv = [str(data) if a == "DATA" else a for a in argv]
     code, err = run_cli_capture(capsys, transfer.main, transfer.get_args_parser(),
                                 argv + ["--out", str(tmp_path / "o")])
