@@ -2,6 +2,7 @@
 paper's scale axis on a DATA folder of every raw layout), failing jobs that do not stop the
 script, and a tiny run of every target through prepare, transfer and summary."""
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
