@@ -1456,7 +1456,7 @@ def write_tuberculosis_raw(root, n=600, seed=0, image_size=112):
     return root
 
 
-def make_demo(raw_root, seed=0, n_chexpert=800, n_mimic=2000, n_target=800, image_size=64):
+def make_demo(raw_root, seed=0, n_chexpert=1300, n_mimic=2000, n_target=800, image_size=64):
     """Synthetic raw data for a no-download run, in the real layouts: raw_root/chexpert (holding
     CheXpert-v1.0-small), raw_root/mimic-cxr-jpg and raw_root/tuberculosis. CheXpert and MIMIC
     share the labeller and the findings, so CheXpert alone and CheXpert + MIMIC are two sources

@@ -1,6 +1,6 @@
 """Time a few-shot grid on the demo's target with full fine-tuning and with the linear probe,
 in the same run. The defaults are run_all.sh's demo (RECIPE_TRANSFER, SHOTS, SEEDS): R14x1,
-shots 1 5 10 full x seeds 0 1 2, 40 steps of batch 16 at lr 0.01, resize 40 and crop 32. The
+shots 1 5 10 full x seeds 0 1 2, 30 steps of batch 16 at lr 0.01, resize 40 and crop 32. The
 target is runs/demo/prepared/tuberculosis when `bash run_all.sh` has made it, else a synthetic
 stand-in of the same shape (two classes, 680 train and 120 test images stored at 40 px).
 
@@ -32,7 +32,7 @@ def get_args_parser():
     p.add_argument("--model", default="R14x1", help="network")
     p.add_argument("--shots", nargs="+", default=["1", "5", "10", "full"], help="shot counts")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
-    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps per run")
+    p.add_argument("--steps", type=int, default=30, help="fine-tuning steps per run")
     p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--size", type=int, default=40, help="synthetic target: stored image side")

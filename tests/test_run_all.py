@@ -178,7 +178,7 @@ def test_demo_runs_each_job_once_with_its_whole_command(tmp_path):
         if j.startswith("pretrain.py"):
             assert "--recipe paper" in j and "--epochs 6" in j and "--lr 0.8" in j and "--shift 0.1" in j
         if j.startswith("fewshot.py --data"):
-            assert "--recipe paper" in j and "--steps 40" in j and "--seeds 0 1 2" in j
+            assert "--recipe paper" in j and "--steps 30" in j and "--seeds 0 1 2" in j
     assert sum("best.pt" in j for j in jobs) == 2   # transfer from the lowest-validation-loss weights
     assert r.returncode == 1
     assert r.stderr.strip().endswith("run_all.sh: 2 job(s) failed:\n  pretrain R14x1 chexpert\n  pretrain R14x1 chexpert_mimic")
