@@ -652,12 +652,12 @@ def run_summary(args):
         json.dump(vars(args), f, indent=1)
     curves = plot_fewshot(summary, os.path.join(out, "fewshot.png"), reference if args.paper_curves else None)
     written = ["summary.csv", "summary.md", "fewshot.png"]
-    if (summary["source_size"] > 0).any():
+    if summary.loc[summary["source_size"] > 0, "source_size"].nunique() > 1:  # a curve needs two sizes
         plot_source_size(summary, os.path.join(out, "source_size.png"))
         written.append("source_size.png")
     else:
-        print("no source sizes known (--source-size when running, or --source-sizes here): "
-              "source_size.png not drawn")
+        print("source_size.png not drawn: it needs two or more sources of known size (--source-size "
+              "when running, or --source-sizes here)")
     print(table)
     head = [(r[f"{r['headline']}_paper_mean"], r[f"{r['headline']}_within"]) for r in summary.to_dict("records")]
     matched = [within for paper, within in head if not np.isnan(paper)]
