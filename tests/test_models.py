@@ -446,3 +446,35 @@ def test_bench_smoke(capsys):
                             "dtype": "fp32", "mode": "train"})
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["ips"] > 0 and res["mem"] >= 0
+
+
+# ----------------------------------------------------------------------------------------
+# Device-dependent defaults and terminal output
+
+def test_device_dependent_defaults(monkeypatch):
+    """bf16 autocast only where it is fast (CUDA); loader workers fewer than the usable CPUs and
+    at most the limit; the scripts leave --dtype and --workers to these when not given."""
+    assert models.default_dtype("cpu") == "fp32" and models.default_dtype("cuda:0") == "bf16"
+    for cpus, workers in [(1, 0), (2, 1), (4, 3), (64, 8)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert models.default_workers() == workers
+    import pretrain
+    import transfer
+    args = pretrain.get_args_parser().parse_args(["--data", "d", "--out", "o"])
+    assert args.dtype is None and args.workers is None
+    assert transfer.get_args_parser().parse_args(["--data", "d"]).dtype is None
+
+
+def test_log_line_printed_while_a_bar_is_open_comes_out_whole():
+    """print0 goes through tqdm.write: the open bar is cleared, the line printed on its own, the
+    bar redrawn below. (A plain print would glue the line to the bar's unfinished line.)"""
+    import io
+    from tqdm import tqdm
+    out = io.StringIO()  # terminal and log file alike: one stream holding bar and lines
+    with tqdm(total=3, file=out, mininterval=0) as bar:
+        bar.update()
+        models.print0("step 1/3 loss 0.5000 lr 0.01", file=out)
+        bar.update()
+    segments = out.getvalue().replace("\r", "\n").split("\n")
+    assert "step 1/3 loss 0.5000 lr 0.01" in [s.strip() for s in segments]
+    assert not any("it/s" in s and "loss" in s for s in segments)  # never on the bar's line
