@@ -128,7 +128,8 @@ def test_every_target_end_to_end(tmp_path):
     raw_layouts.flowers102(data / "flowers102", test_per_class=10)  # the paper trains on the official test set
     out = tmp_path / "out"
     r = run_all(str(data), env={
-        "OUT": str(out), "MODELS": "R14x1", "SHOTS": "1 100 full",  # 100: more than a class has "SEEDS": "0", "STAGES": "prepare transfer summary",
+        "OUT": str(out), "MODELS": "R14x1", "SHOTS": "1 100 full", "SEEDS": "0",  # 100: more than a class has
+        "STAGES": "prepare transfer summary",
         "TARGETS": " ".join(TARGETS), "PREPARE_ARGS": "--size 24 --workers 1",
         "TRANSFER_ARGS": "--steps 2 --batch-size 4 --resize 24 --crop 16 --bootstrap 10 --log-every 1"},
         timeout=600)
