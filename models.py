@@ -807,6 +807,13 @@ def to_model_input(images, out_size=None, channels_last=False, norm="bit"):
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+# The paper's chest augmentation (datasets/chexpert.py cohen_aug: albumentations
+# ShiftScaleRotate(shift_limit=0.25, scale_limit=0.1, rotate_limit=45; its default border mode
+# reflects), then a horizontal flip), as random_affine arguments; pre-training and the PadChest
+# target share it.
+CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "reflection"}
+
+
 def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, hflip=True,
                   crop_area=None, padding="zeros", generator=None):
     """One random affine per image, applied with a single grid_sample: a crop of `crop` of the

@@ -56,8 +56,9 @@ from prepare_data import PreparedDataset
 _CHEST = dict(batch_size=1024, lr=0.01, epochs=90, warmup_epochs=15, warmup_steps=None,
               # the paper ramps from lr / K, K = its 64 workers; ours is fixed, not our world size
               warmup_from=1 / 64, decay_epochs=[30, 60, 80], decay_steps=None, agc=0.01,
-              weight_decay=1e-4, image_size=224, rotate=45.0, shift=0.25, zoom=0.1,
-              padding="reflection", crop_area=[1.0, 1.0], views=["PA", "AP"], input_norm="bit",
+              weight_decay=1e-4, image_size=224, rotate=models.CHEST_AUGMENT["rotate"],
+              shift=models.CHEST_AUGMENT["translate"], zoom=models.CHEST_AUGMENT["scale"],
+              padding=models.CHEST_AUGMENT["padding"], crop_area=[1.0, 1.0], views=["PA", "AP"], input_norm="bit",
               eval_crop=1.0)
 _IMAGENET = dict(_CHEST, batch_size=2048, lr=0.1, warmup_epochs=5, agc=0.0, rotate=0.0,
                  shift=0.0, zoom=0.0, padding="zeros", crop_area=[0.08, 1.0], views=None,

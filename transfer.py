@@ -65,11 +65,7 @@ from prepare_data import PreparedDataset, read_meta
 RECIPES = {"paper": {"batch_size": 128, "lr": 0.001, "nesterov": True, "agc": True, "zero_head": False},
            "bit": {"batch_size": 512, "lr": 0.003, "nesterov": False, "agc": False, "zero_head": True}}
 AGC_CLIPPING, AGC_EPS = 0.01, 1e-3  # the paper's SGD_AGC defaults
-# The paper's chest augmentation (datasets/chexpert.py cohen_aug: albumentations
-# ShiftScaleRotate(shift_limit=0.25, scale_limit=0.1, rotate_limit=45; its default border
-# mode reflects) and a flip) at 224 px.
-CHEST_SIZE = 224
-CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "reflection"}
+CHEST_SIZE = 224  # the paper's PadChest target: models.CHEST_AUGMENT at 224 px
 LONG_CPU_PIXELS = 1e8  # training pixels (crop^2 x batch x steps) above which a CPU run takes long
 LOG_SECONDS = 60       # a log line at least this often, whatever --log-every says
 KEY_COLUMNS = ["method", "source", "model", "target", "shots", "seed"]
@@ -273,7 +269,7 @@ def settings(args, num_train, orig_hw):
     schedule = rule["schedule"] if args.steps is None else scale_schedule(rule["schedule"], args.steps)
     if args.pipeline == "chest":  # one size; --resize > --crop gives BiT-style random crops
         crop = args.crop or CHEST_SIZE
-        resize, augment = args.resize or crop, CHEST_AUGMENT
+        resize, augment = args.resize or crop, models.CHEST_AUGMENT
     else:
         crop, resize, augment = args.crop or rule["crop"], args.resize or rule["resize"], {}
     out = {"schedule": schedule, "mixup": rule["mixup"] if args.mixup is None else args.mixup,
