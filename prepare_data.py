@@ -1251,8 +1251,6 @@ def merge(inputs, out, label_mode="intersection"):
 # ----------------------------------------------------------------------------------------
 # Synthetic raw data in the real on-disk layouts (demo runs and test fixtures)
 
-DEMO_NIH_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Pneumonia",
-                     "Pneumothorax", "Nodule", "Mass", "Infiltration", "Emphysema", "Pleural_Thickening"]
 DEMO_CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Pneumonia",
                           "Pneumothorax", "Support Devices", "Lung Lesion", "Pleural Other"]
 
@@ -1327,32 +1325,6 @@ def synthetic_chest(rng, findings, size=112, lateral=False):
 
 def demo_findings(rng, names, p):
     return [n for n in names if rng.random() < p]
-
-
-def write_nih_raw(root, n=2400, seed=0, image_size=112, p=0.1):
-    """An NIH-ChestX-ray14-style folder: images/*.png, Data_Entry_2017_v2020.csv with the real
-    11-field rows, train_val_list.txt and test_list.txt (split by patient)."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rows, names_by_patient, patient = [], {}, 0
-    while len(rows) < n:
-        patient += 1
-        for follow_up in range(min(int(rng.integers(1, 5)), n - len(rows))):
-            name = f"{patient:08d}_{follow_up:03d}.png"
-            findings = demo_findings(rng, DEMO_NIH_FINDINGS, p)
-            view = "PA" if rng.random() < 0.6 else "AP"
-            Image.fromarray(synthetic_chest(rng, findings, image_size)).save(os.path.join(root, "images", name))
-            rows.append(f"{name},{'|'.join(findings) or 'No Finding'},{follow_up},{patient},{int(rng.integers(20, 90))},"
-                        f"{'MF'[int(rng.integers(2))]},{view},2500,2048,0.168,0.168")
-            names_by_patient.setdefault(patient, []).append(name)
-    with open(os.path.join(root, "Data_Entry_2017_v2020.csv"), "w") as f:
-        f.write("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-                "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n" + "\n".join(rows) + "\n")
-    test_patients = set(rng.permutation(sorted(names_by_patient))[:max(1, len(names_by_patient) // 5)].tolist())
-    for fname, pick in (("test_list.txt", True), ("train_val_list.txt", False)):
-        with open(os.path.join(root, fname), "w") as f:
-            f.write("".join(f"{n}\n" for p_, ns in names_by_patient.items() if (p_ in test_patients) == pick for n in ns))
-    return root
 
 
 def chexpert_cell(rng, present, valid):
