@@ -137,16 +137,16 @@ class ResNetV2(nn.Module):
         wf = width_factor
         self.width_factor, self.block_units = wf, tuple(block_units)
         self.root = nn.Sequential(OrderedDict([
-            ("conv", StdConv2d(3, 64 * wf, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("conv", StdConv2d(3, round(64 * wf), kernel_size=7, stride=2, padding=3, bias=False)),
             # Zero-pad then pool without padding, as the TF code does. MaxPool2d(padding=1)
             # is subtly different: it pads with -inf, and the input here can be negative.
             ("pad", nn.ConstantPad2d(1, 0)),
             ("pool", nn.MaxPool2d(kernel_size=3, stride=2, padding=0)),
         ]))
         blocks = []
-        cin = 64 * wf
+        cin = round(64 * wf)
         for i, units in enumerate(block_units):
-            cmid, cout = 64 * wf * 2 ** i, 256 * wf * 2 ** i
+            cmid, cout = round(64 * wf * 2 ** i), round(256 * wf * 2 ** i)
             stride = 1 if i == 0 else 2
             block = [("unit01", PreActBottleneck(cin, cout, cmid, stride))]
             block += [(f"unit{u:02d}", PreActBottleneck(cout, cout, cmid)) for u in range(2, units + 1)]
@@ -178,10 +178,11 @@ class ResNetV2(nn.Module):
 
 
 # Block units per stage. R14 and R26 are small members of the same family for CPU demos
-# and tests (timm has resnetv2_26 / resnetv2_14-like layouts too).
+# and tests (timm has resnetv2_26 / resnetv2_14-like layouts too); R14x0.5, at half width,
+# is the CPU demo's: a step costs a quarter of R14x1's, as the work scales with the weights.
 ARCHS = {"R14": (1, 1, 1, 1), "R26": (2, 2, 2, 2), "R50": (3, 4, 6, 3), "R101": (3, 4, 23, 3),
          "R152": (3, 8, 36, 3)}
-MODEL_NAMES = ["R14x1", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"]
+MODEL_NAMES = ["R14x0.5", "R14x1", "R26x1", "R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"]
 
 
 def create_model(name, num_classes):
@@ -189,7 +190,7 @@ def create_model(name, num_classes):
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     depth, wf = name.split("x")
-    return ResNetV2(ARCHS[depth], int(wf), num_classes)
+    return ResNetV2(ARCHS[depth], float(wf) if "." in wf else int(wf), num_classes)
 
 
 # ========================================================================================

@@ -1256,10 +1256,13 @@ DEMO_CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema
 
 
 def synthetic_chest(rng, findings, size=112, lateral=False):
-    """A chest-like grayscale uint8 image: two dark lung fields (one on a lateral view), bright
-    mediastinum and heart, smooth lung texture, noise, random brightness/contrast/shift; each
-    finding drawn as its own pattern. "Tuberculosis" = upper-zone fuzzy patches, i.e. a
-    variant of the Pneumonia pattern, so features learned on sources transfer."""
+    """A chest-like grayscale uint8 image: two dark lung fields (one on a lateral view) crossed
+    by ribs, bright mediastinum and heart, smooth lung texture, label-free patches on the soft
+    tissue outside the lungs, noise, random brightness/contrast/shift; each finding drawn as its
+    own pattern. "Tuberculosis" = faint upper-zone fuzzy patches, i.e. a variant of the
+    Pneumonia pattern, so features learned on sources transfer, while ribs and soft-tissue
+    patches keep "something bright" from being enough for a model that learns from a few
+    target images alone."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     dx, dy = rng.uniform(-0.04, 0.04, 2)
     x, y = xx - dx, yy - dy
@@ -1274,6 +1277,10 @@ def synthetic_chest(rng, findings, size=112, lateral=False):
         in_lung |= ell(cx, cy, rx, ry) < 1
     lung_level = 0.08 if "Emphysema" in findings else 0.2
     img = np.where(in_lung, lung_level + 0.04 * texture, img)
+    if not lateral:                   # posterior ribs: bright arcs across both lungs, a random phase
+        gap, phase, bend = rng.uniform(0.09, 0.12), rng.uniform(0, 0.12), rng.uniform(0.3, 0.6)
+        ribs = (np.abs(((y - phase - bend * (x - 0.5) ** 2) % gap) - gap / 2) < 0.012)
+        img = img + rng.uniform(0.1, 0.18) * (in_lung & ribs)
     heart_r = (0.2, 0.16) if "Cardiomegaly" in findings else (0.12, 0.11)
     if not lateral:
         img = np.where((np.abs(x - 0.5) < 0.05) & (y > 0.08) & (y < 0.75), 0.75, img)   # mediastinum
@@ -1317,7 +1324,14 @@ def synthetic_chest(rng, findings, size=112, lateral=False):
         elif f == "Tuberculosis":     # fuzzy patches in the upper zones: the Pneumonia pattern of
             # the sources, moved up, so features learned there transfer
             for _ in range(4):
-                img = img + 0.3 * inside * blob(cx + rng.uniform(-0.08, 0.08), cy - rng.uniform(0.0, 0.22), 0.045)
+                img = img + 0.22 * inside * blob(cx + rng.uniform(-0.08, 0.08), cy - rng.uniform(0.0, 0.22), 0.045)
+    for _ in range(int(rng.integers(1, 4)) if rng.random() < 0.5 else 0):
+        # label-free fuzzy patches outside the lungs (soft tissue): a blob is a finding only where
+        # it lies in a lung, which pre-training learns and a few target images cannot teach
+        cx, cy = 0.5, 0.5
+        while any(((cx - lx) / rx) ** 2 + ((cy - ly) / ry) ** 2 < 1.3 for lx, ly, rx, ry in lungs):
+            cx, cy = rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)
+        img = img + 0.3 * blob(cx, cy, 0.045)
     img = (img - 0.45) * rng.uniform(0.8, 1.2) + 0.45 + rng.uniform(-0.08, 0.08)
     img = img + rng.normal(0, 0.03, img.shape)
     return to_uint8(img, 0.0, 1.0)
@@ -1428,13 +1442,13 @@ def write_tuberculosis_raw(root, n=600, seed=0, image_size=112):
     return root
 
 
-def make_demo(raw_root, seed=0, n_chexpert=1300, n_mimic=2000, n_target=800, image_size=64):
+def make_demo(raw_root, seed=0, n_chexpert=2000, n_mimic=1350, n_target=600, image_size=64):
     """Synthetic raw data for a no-download run, in the real layouts: raw_root/chexpert (holding
     CheXpert-v1.0-small), raw_root/mimic-cxr-jpg and raw_root/tuberculosis. CheXpert and MIMIC
     share the labeller and the findings, so CheXpert alone and CheXpert + MIMIC are two sources
     of different size with the same 13 labels (the first step of the paper's scale axis).
     Findings are more frequent than in the real sets (p 0.25) so that a few hundred steps of
-    pre-training learn them."""
+    pre-training learn them. Frontal training images: CheXpert ~1,500, CheXpert + MIMIC ~2,500."""
     write_chexpert_raw(os.path.join(raw_root, "chexpert"), n_chexpert, seed + 1, image_size, p=0.25)
     write_mimic_raw(os.path.join(raw_root, "mimic-cxr-jpg"), n_mimic, seed + 3, image_size, p=0.25)
     write_tuberculosis_raw(os.path.join(raw_root, "tuberculosis"), n_target, seed + 2, image_size)

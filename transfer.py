@@ -277,6 +277,10 @@ def settings(args, num_train, orig_hw):
            "batch_size": args.batch_size or recipe["batch_size"],
            "lr": recipe["lr"] if args.lr is None else args.lr,
            "nesterov": recipe["nesterov"], "agc": recipe["agc"]}
+    if args.min_epochs:  # a larger subset gets more steps, so that it is seen this many times
+        steps = math.ceil(args.min_epochs * num_train / out["batch_size"])
+        if steps > schedule[-1]:
+            out["schedule"] = scale_schedule(schedule, steps)
     if out["crop"] > out["resize"]:
         raise models.UserError(f"--crop {out['crop']} is larger than --resize {out['resize']}")
     return out
@@ -640,6 +644,10 @@ def add_common_arguments(parser):
     parser.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=None,
                         help="total steps; warm-up and decays keep their fractions (default: HyperRule)")
+    parser.add_argument("--min-epochs", type=float, default=None,
+                        help="at least this many passes over the training subset: more steps than the "
+                             "schedule's where needed, same fractions (default: none: the HyperRule's 500 steps at the "
+                             "paper's batch 128 are 3 or more passes over any subset under 20k images)")
     parser.add_argument("--resize", type=int, default=None,
                         help="train resize side (default: HyperRule; chest pipeline: the crop side)")
     parser.add_argument("--crop", type=int, default=None,
