@@ -169,6 +169,15 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_half_width_demo_model():
+    # R14x0.5: every width halved (root 32 channels, stages 128 ... 1024), a quarter of the weights
+    half, full = models.create_model("R14x0.5", 3), models.create_model("R14x1", 3)
+    assert half.root.conv.out_channels == 32 and half.num_features == 1024
+    assert 0.24 < sum(p.numel() for p in half.parameters()) / sum(p.numel() for p in full.parameters()) < 0.26
+    half(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in half.parameters())
+
+
 def test_unknown_model_name():
     with pytest.raises(models.UserError, match="unknown model 'R77x1'"):
         models.create_model("R77x1", 10)

@@ -66,11 +66,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, message):
 def test_demo_plan_honours_settings(tmp_path):
     r = run_all("--plan", env={"OUT": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == ["R14x1 chexpert", "R14x1 chexpert_mimic"]
+    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == ["R14x0.5 chexpert", "R14x0.5 chexpert_mimic"]
     transfers = [n for s, n in plan_lines(r.stdout, "transfer")]
-    assert [n.split(" (")[0] for n in transfers] == [f"tuberculosis R14x1 {s}" for s in
+    assert [n.split(" (")[0] for n in transfers] == [f"tuberculosis R14x0.5 {s}" for s in
                                                       ("scratch", "chexpert", "chexpert_mimic")]
-    assert "transfer cells (fine-tuning runs): 36" in r.stdout   # 3 sources x 4 shots x 3 seeds
+    assert "transfer cells (fine-tuning runs): 60" in r.stdout   # 3 sources x 4 shots x 5 seeds
     assert not os.listdir(tmp_path)                              # --plan runs nothing
 
     r = run_all("--plan", env={"OUT": str(tmp_path), "MODELS": "R26x1", "SHOTS": "5 full", "SEEDS": "7",
@@ -82,7 +82,7 @@ def test_demo_plan_honours_settings(tmp_path):
         f"tuberculosis R26x1 {s} (2 cells: shots 5 full x seeds 7)" for s in ("scratch", "chexpert")]
     # without the pretrain stage, only what is pre-trained already is transferred
     r = run_all("--plan", env={"OUT": str(tmp_path), "STAGES": "transfer"})
-    assert [n.split(" (")[0] for s, n in plan_lines(r.stdout, "transfer")] == ["tuberculosis R14x1 scratch"]
+    assert [n.split(" (")[0] for s, n in plan_lines(r.stdout, "transfer")] == ["tuberculosis R14x0.5 scratch"]
 
 
 def test_plan_of_every_raw_layout_shows_the_scale_axis(tmp_path):
@@ -177,9 +177,11 @@ def test_demo_runs_each_job_once_with_its_whole_command(tmp_path):
     assert [j.split()[0] for j in jobs] == ["prepare_data.py"] * 5 + ["pretrain.py"] * 2 + ["fewshot.py"] * 4
     for j in jobs:
         if j.startswith("pretrain.py"):
-            assert "--recipe paper" in j and "--epochs 6" in j and "--lr 0.8" in j and "--shift 0.1" in j
+            assert "--recipe paper" in j and "--epochs 8" in j and "--lr 0.8" in j and "--shift 0.1" in j
         if j.startswith("fewshot.py --data"):
-            assert "--recipe paper" in j and "--steps 30" in j and "--seeds 0 1 2" in j
+            assert "--recipe paper" in j and "--steps 40 --min-epochs 10" in j and "--seeds 0 1 2 3 4" in j
+        if j.startswith("prepare_data.py --dataset tuberculosis"):
+            assert "--size 34 --test-fraction 0.75" in j
     assert sum("best.pt" in j for j in jobs) == 2   # transfer from the lowest-validation-loss weights
     assert r.returncode == 1
-    assert r.stderr.strip().endswith("run_all.sh: 2 job(s) failed:\n  pretrain R14x1 chexpert\n  pretrain R14x1 chexpert_mimic")
+    assert r.stderr.strip().endswith("run_all.sh: 2 job(s) failed:\n  pretrain R14x0.5 chexpert\n  pretrain R14x0.5 chexpert_mimic")

@@ -66,6 +66,17 @@ def test_lr_schedule_decays_at_the_boundary():
     assert transfer.scale_schedule([500, 3000, 6000, 9000, 10_000], 3)[-1] == 3
 
 
+def test_min_epochs_adds_steps_to_a_larger_subset_only():
+    parser = transfer.get_args_parser()
+    args = parser.parse_args(["--data", "x", "--steps", "40", "--min-epochs", "10", "--batch-size", "16"])
+    # 10 passes over 150 images at batch 16 need ceil(93.75) = 94 steps; warm-up and decays keep
+    # the HyperRule's fractions (1/5, 2/5, 3/5, 4/5)
+    assert transfer.settings(args, 150, (64, 64))["schedule"] == [19, 38, 56, 75, 94]
+    assert transfer.settings(args, 20, (64, 64))["schedule"] == [8, 16, 24, 32, 40]  # 13 steps suffice
+    no_floor = parser.parse_args(["--data", "x", "--steps", "40", "--batch-size", "16"])
+    assert transfer.settings(no_floor, 150, (64, 64))["schedule"][-1] == 40
+
+
 def test_oversampling_weights_balance_classes():
     y = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], np.float32)
     w = transfer.oversampling_weights(y)
