@@ -1328,9 +1328,9 @@ def synthetic_chest(rng, findings, size=112, lateral=False):
     for _ in range(int(rng.integers(1, 4)) if rng.random() < 0.5 else 0):
         # label-free fuzzy patches outside the lungs (soft tissue): a blob is a finding only where
         # it lies in a lung, which pre-training learns and a few target images cannot teach
-        cx, cy = 0.5, 0.5
+        cx, cy = rng.uniform(0.05, 0.95, 2)
         while any(((cx - lx) / rx) ** 2 + ((cy - ly) / ry) ** 2 < 1.3 for lx, ly, rx, ry in lungs):
-            cx, cy = rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)
+            cx, cy = rng.uniform(0.05, 0.95, 2)
         img = img + 0.3 * blob(cx, cy, 0.045)
     img = (img - 0.45) * rng.uniform(0.8, 1.2) + 0.45 + rng.uniform(-0.08, 0.08)
     img = img + rng.normal(0, 0.03, img.shape)
