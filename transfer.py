@@ -646,8 +646,9 @@ def add_common_arguments(parser):
                         help="total steps; warm-up and decays keep their fractions (default: HyperRule)")
     parser.add_argument("--min-epochs", type=float, default=None,
                         help="at least this many passes over the training subset: more steps than the "
-                             "schedule's where needed, same fractions (default: none: the HyperRule's 500 steps at the "
-                             "paper's batch 128 are 3 or more passes over any subset under 20k images)")
+                             "schedule's where needed, same fractions (default: none: the HyperRule's 500 "
+                             "steps at the paper's batch 128 are 3 or more passes over any subset under 20k "
+                             "images)")
     parser.add_argument("--resize", type=int, default=None,
                         help="train resize side (default: HyperRule; chest pipeline: the crop side)")
     parser.add_argument("--crop", type=int, default=None,

@@ -59,7 +59,8 @@ def main(args):
         common = ["--data", data, "--init", args.init, "--model", args.model, "--shots", *args.shots, "--seeds",
                   *map(str, args.seeds), "--out", os.path.join(tmp, "out"), "--resize", str(args.resize),
                   "--crop", str(args.crop), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                  "--min-epochs", str(args.min_epochs), "--lr", str(args.lr), "--log-every", str(args.steps), "--bootstrap", "200"]
+                  "--min-epochs", str(args.min_epochs), "--lr", str(args.lr), "--log-every", str(args.steps),
+                  "--bootstrap", "200"]
         if args.device:
             common += ["--device", args.device]
         runs = len(args.shots) * len(args.seeds)
