@@ -1139,7 +1139,7 @@ def compact(state, keep, out):
     """Copy the kept rows of the work array into OUT/images.npy (temp name, then rename); with
     nothing to drop the work array is moved (WorkState moves it back if no meta.json follows)."""
     if keep.all():
-        models.replace_durably(state.images_path, os.path.join(out, "images.npy"))
+        models.replace_file(state.images_path, os.path.join(out, "images.npy"))
         return
     src = np.load(state.images_path, mmap_mode="r")
     rows = np.flatnonzero(keep)
@@ -1149,7 +1149,7 @@ def compact(state, keep, out):
         dst[start:start + 512] = src[rows[start:start + 512]]
     dst.flush()
     del dst
-    models.replace_durably(tmp, os.path.join(out, "images.npy"))
+    models.replace_file(tmp, os.path.join(out, "images.npy"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1233,7 +1233,7 @@ def merge(inputs, out, label_mode="intersection"):
         start += len(src)
     dst.flush()
     del dst
-    models.replace_durably(tmp, os.path.join(out, "images.npy"))
+    models.replace_file(tmp, os.path.join(out, "images.npy"))
     write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
     write_csv(os.path.join(out, "rejects.csv"), pd.DataFrame(columns=["path", "reason"]))
     # Per-row original sizes are not kept; the median over images is approximated by the
@@ -1545,7 +1545,6 @@ def swap_in(build, out):
     for name in PREPARED_FILES:
         if os.path.exists(os.path.join(build, name)):
             os.replace(os.path.join(build, name), os.path.join(out, name))
-    models.fsync_folder(out)
     shutil.rmtree(build)
 
 

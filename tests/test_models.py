@@ -332,7 +332,7 @@ def test_input_normalisation_of_each_weights_format(tmp_path):
     state = src.state_dict()
     models.export_bit_npz(src, tmp_path / "BiT-M-R14x1.npz")
     torch.save(models.to_timm_state_dict(state), tmp_path / "timm.pth")
-    models.save_checkpoint(str(tmp_path / "ours.pt"), src, extra={"input_norm": "imagenet"})
+    models.save_checkpoint(str(tmp_path / "ours.pt"), src, input_norm="imagenet")
     paper = {"model": {"module." + k: v for k, v in state.items()}, "optimizer": {}, "epoch": 90}
     for folder in ("imagenet1k_bit50x1", "chexpert_mimic_nih_padchest_bit50x1", "run"):
         (tmp_path / folder).mkdir()
