@@ -609,7 +609,7 @@ def load_checkpoint(path):
         if "unsupported global" in str(e).lower():  # the pickle names a function or class
             raise UserError(f"{path}: refused: the pickle holds objects other than tensors and plain "
                             "data, and unpickling them could run code; re-save the state dict only") from None
-        raise UserError(f"{path}: not a weights file that can be read ({type(e).__name__}); it may be "
+        raise UserError(f"{path}: not a checkpoint or weights file that can be read ({type(e).__name__}); it may be "
                         "truncated or of another program") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: no state dict found (a {type(state).__name__}, not a dict)")

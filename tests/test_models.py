@@ -420,7 +420,7 @@ def test_missing_and_garbage_files(tmp_path):
         models.load_weights(small(), tmp_path / "nope.npz")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(models.UserError, match="not a weights file"):
+    with pytest.raises(models.UserError, match="not a checkpoint or weights file"):
         models.load_weights(small(), junk)
     listy = tmp_path / "list.pt"
     torch.save([1, 2, 3], listy)

@@ -231,7 +231,7 @@ def test_sigterm_and_kill9_then_resume_is_bitwise_identical(data, tmp_path):
     wait_for_step(proc, 2, lines)
     proc.send_signal(signal.SIGTERM)
     rc, rest = finish(proc)
-    assert rc == 0 and "stopped by signal" in rest, "".join(lines) + rest
+    assert rc == 128 + signal.SIGTERM and "stopped by signal" in rest, "".join(lines) + rest
     first_stop = models.load_checkpoint(Path(out) / "checkpoint.pt")["step"]
     assert 2 <= first_stop < 12 and not (Path(out) / "model.pt").exists()
 
@@ -349,7 +349,7 @@ def test_resume_refuses_other_training_and_bad_checkpoints(data, prepared, tmp_p
     assert "resuming with a change: --lr is 0.3" in capsys.readouterr().out
     ckpt = Path(out) / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated, as by a full disk
-    assert "not a checkpoint that can be read" in cli(argv + ["--resume"], capsys)
+    assert "not a checkpoint or weights file that can be read" in cli(argv + ["--resume"], capsys)
     torch.save({"model": {}, "epoch": 3}, ckpt)  # another program's
     assert "is not a pretrain.py checkpoint" in cli(argv + ["--resume"], capsys)
 
