@@ -1,46 +1,27 @@
-"""Few-shot transfer grid: for every k in --shots and every seed in --seeds, fine-tune on k
-training examples per class with transfer.py's functions (or fit a linear probe on frozen
-features), append the results to OUT/results.csv, then summarise them as tables and plots.
+"""The few-shot grid and its summary. For every k in --shots and every seed in --seeds, one
+transfer.py cell on k training examples per class (fine-tuned, or with --linear-probe a
+logistic regression on frozen features, extracted once for the grid), appended to
+OUT/results.csv; then --summarize turns results into tables and plots beside the paper's numbers.
 
-One GPU or CPU (the main use):
-    python fewshot.py --data prepared/tuberculosis --init runs/pretrain_all/model.pt \
-        --source chexpert_mimic_nih_padchest --model R50x1 --shots 1 5 10 100 full --out runs/fewshot
-    python fewshot.py --data prepared/pets --init BiT-M-R50x1.npz --source imagenet21k \
-        --model R50x1 --linear-probe --out runs/fewshot        # whole grid in seconds after extraction
-    python fewshot.py --summarize runs/fewshot                 # summary.csv, summary.md, fewshot.png
-Several GPUs (each run is a DDP run over all ranks):
-    torchrun --standalone --nproc_per_node=4 fewshot.py --data prepared/padchest --init model.pt \
-        --source all --model R152x4 --batch-split 4 --out runs/fewshot
-Quick CPU run:
-    python fewshot.py --data runs/demo/prepared/tuberculosis --init runs/demo/pretrain/nih+chexpert/model.pt \
-        --source nih+chexpert --model R14x1 --shots 1 5 10 --seeds 0 1 2 --out runs/demo --steps 40 \
-        --lr 0.01 --resize 56 --crop 48 --batch-size 16
+One GPU or CPU:
+    python fewshot.py --data prepared/tuberculosis --init runs/R50x1/chexpert/best.pt --source chexpert \
+        --model R50x1 --shots 1 5 10 100 full --out runs/fewshot
+    python fewshot.py --data prepared/pets --init BiT-M-R50x1.npz --source bit-m --model R50x1 \
+        --linear-probe --out runs/fewshot
+    python fewshot.py --summarize runs/fewshot          # summary.csv, summary.md, fewshot.png, source_size.png
+Several GPUs (each cell is a DDP run over all ranks):
+    torchrun --standalone --nproc_per_node=4 fewshot.py --data prepared/padchest --init best.pt \
+        --source chexpert_mimic_nih_padchest --model R152x4 --batch-split 4 --out runs/fewshot
+The demo's grid: bash run_all.sh (its plan prints each fewshot.py command).
 
-Subsets are the paper's (finetune.py --examples-per-class): one np.random.RandomState(seed)
-shuffles each class's training positions in class order and the first k are kept; a class with
-fewer than k images keeps all it has (one line says which; results.csv's num_train is the real
-size). Hence a pure function of (labels, k, seed), nested across k for one seed. Multi-label
-targets: --multilabel-mode single (the paper's way: keep the images with exactly one positive
-label, train and evaluate single-label) or multi (at least k positives per label, or all a label
-has, rows taken greedily in a seeded order; training stays multi-label). Shots 0 or "full" use
-the whole training split; --oversample applies to those only.
-
-A run whose (method, source, model, target, shots, seed) is already in the results CSV is
-skipped. A run that fails (e.g. a non-finite loss) is logged, recorded in failures.csv beside
-results.csv (not as a metric row) and the grid goes on. Exit status: 0 all recorded, 1 some
-failed (listed at the end), 2 bad input, 130 / 143 stopped by Ctrl-C / SIGTERM (finished rows
-kept; a rerun continues).
+Subsets, recipes, skipping of finished cells, failures and exit status are transfer.py's (its
+docstring). Multi-label targets default to --multilabel-mode single here, the paper's few-shot way.
 """
-import argparse
-import contextlib
 import json
 import os
-import time
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.distributed as dist
 
 import models
 import transfer
@@ -50,229 +31,33 @@ METRICS = ["accuracy", "auc", "map"]
 NUMERIC_COLUMNS = METRICS + ["source_size", "ci_low", "ci_high", "metric_value"]
 
 
-# ----------------------------------------------------------------------------------------
-# k-shot subsets (pure functions of labels, k and seed)
-
-def parse_shots(value):
-    """'full' or a count >= 0 (0 = full) -> int, for argparse."""
-    if str(value).lower() == "full":
-        return 0
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shots must be a count or 'full', got {value!r}") from None
-    if k < 0:
-        raise argparse.ArgumentTypeError(f"shots must be >= 0, got {k}")
-    return k
-
-
-def single_label(targets):
-    """The paper's single-label view of multi-label targets: positions of the rows with exactly
-    one positive label (unknown counts as negative) and their one-hot targets."""
-    pos = np.nan_to_num(targets) > 0.5
-    keep = np.flatnonzero(pos.sum(1) == 1)
-    return keep, pos[keep].astype(np.float32)
-
-
-def select_shots(targets, k, seed):
-    """Positions of k examples of every class of one-hot `targets` (all of a class that has
-    fewer), sorted: the paper's rule, one RandomState(seed) shuffling each class's positions in
-    class order, the first k kept. The shuffles do not depend on k, so the subsets are nested
-    across k. k = 0 means all rows."""
-    if k == 0:
-        return np.arange(len(targets))
-    classes = np.asarray(targets).argmax(1)
-    rng = np.random.RandomState(seed)
-    chosen = []
-    for c in range(targets.shape[1]):
-        members = np.flatnonzero(classes == c)
-        rng.shuffle(members)
-        chosen.append(members[:k])
-    return np.sort(np.concatenate(chosen))
+def get_args_parser():
+    parser = transfer.add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser.set_defaults(multilabel_mode="single")
+    parser.add_argument("--shots", nargs="+", type=transfer.parse_shots, default=[1, 5, 10, 100, 0],
+                        help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
+                             "the whole training split")
+    parser.add_argument("--seeds", nargs="+", type=models.at_least(0), default=[0, 1, 2, 3, 4],
+                        help="seeds of subset choice and training (the paper's 0..4)")
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS", default=None,
+                        help="only summarise results into summary.csv, summary.md, fewshot.png, "
+                             "source_size.png, the paper's published numbers beside matching cells: "
+                             "results CSVs or OUT folders, or the authors' finetuning_results_*.csv "
+                             "files or their results/ folder")
+    parser.add_argument("--summary-dir", default=None,
+                        help="with --summarize: folder for its outputs (default: the first input's folder)")
+    parser.add_argument("--paper-curves", action="store_true",
+                        help="with --summarize: draw the paper's curve of every matching source and "
+                             "model dashed in fewshot.png")
+    parser.add_argument("--source-sizes", nargs="+", metavar="NAME=COUNT", default=None,
+                        help="with --summarize: pre-training set sizes per source for source_size.png")
+    return parser
 
 
-def select_shots_multilabel(targets, k, seed):
-    """Positions of a subset with at least k positives of every label (all the positives of a
-    label that has fewer), sorted. Rows are visited in one seeded order; level j = 1..k extends
-    level j-1 by taking, in that order, the rows that are positive for a label still below
-    min(j, its positives). Hence nested across k, a function of (labels, k, seed) only."""
-    pos = np.nan_to_num(targets) > 0.5
-    if k == 0:
-        return np.arange(len(targets))
-    available = pos.sum(0)
-    order = np.random.default_rng(seed).permutation(len(targets))
-    pos_ordered = pos[order]
-    taken = np.zeros(len(order), bool)
-    counts = np.zeros(pos.shape[1], int)
-    for level in range(1, k + 1):
-        while True:
-            below = counts < np.minimum(level, available)
-            if not below.any():
-                break
-            candidates = ~taken & pos_ordered[:, below].any(1)
-            first = int(candidates.argmax())  # earliest row in the seeded order
-            taken[first] = True
-            counts += pos_ordered[first]
-    return np.sort(order[taken])
-
-
-def short_classes(targets, k, names):
-    """[(name, count)] of the classes (labels) with fewer than k training examples (positives),
-    which keep all they have."""
-    counts = (np.nan_to_num(targets) > 0.5).sum(0)
-    return [(names[j], int(counts[j])) for j in np.flatnonzero(counts < k)] if k else []
-
-
-def log_short_classes(train, shots):
-    for k in shots:
-        short = short_classes(train.targets, k, train.labels)
-        if short:
-            listed = ", ".join(f"{name!r} {count}" for name, count in short[:5])
-            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-            models.print0(f"{k} shots: {len(short)} of {len(train.labels)} classes have fewer training "
-                          f"images and keep all they have: {listed}{more}")
-
-
-# ----------------------------------------------------------------------------------------
-# Linear probe: logistic regression on frozen features, in torch
-
-def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
-    """L2-regularised logistic regression fitted with L-BFGS: multinomial (softmax) for
-    single-label targets, one-vs-rest sigmoids for multi-label ones (unknown targets masked).
-    Objective as scikit-learn's LogisticRegression(C=c): sum of losses + ||W||^2 / (2c), the
-    bias not penalised. Returns (W (D, L), b (L,)) as float tensors."""
-    x = torch.as_tensor(features, dtype=torch.float64)
-    y = torch.as_tensor(targets, dtype=torch.float64)
-    n, d = x.shape
-    w = torch.zeros(d, y.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
-    known = ~torch.isnan(y)
-    y = torch.nan_to_num(y)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = x @ w + b
-        if multilabel:
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-                    * known).sum()
-        else:
-            loss = -(y * torch.log_softmax(logits, 1)).sum()
-        # Divided by n so that L-BFGS tolerances mean the same at every k; same minimiser.
-        loss = (loss + (w * w).sum() / (2 * c)) / n
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().float(), b.detach().float()
-
-
-# ----------------------------------------------------------------------------------------
-# The grid
-
-def subset(train, k, seed, mode):
-    """Training positions for k shots and this seed."""
-    if train.multilabel and mode == "multi":
-        return select_shots_multilabel(train.targets, k, seed)
-    return select_shots(train.targets, k, seed)
-
-
-def single_label_view(dataset):
-    keep, onehot = single_label(dataset.targets)
-    if len(keep) == 0:
-        raise models.UserError(f"{dataset.folder}: no rows with exactly one positive label "
-                               "(try --multilabel-mode multi)")
-    return transfer.view(dataset, keep, onehot, multilabel=False)
-
-
-def probe_cells(args, env, base_model, train, evalset, stop):
-    """One linear probe per (k, seed) through transfer.run_cell, on features of the train and
-    evaluation rows extracted once (at the first probe that needs them)."""
-    features = {}
-
-    def extract():
-        if not features:
-            cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
-            model, batch, t0 = base_model.to(env.device), transfer.eval_batch_size(cfg, args, env), time.time()
-            features["train"], _ = transfer.extract_features(model, train, cfg["crop"], env, batch, args)
-            features["eval"] = transfer.extract_features(model, evalset, cfg["crop"], env, batch, args)
-            models.print0(f"features {len(train)} train + {len(evalset)} eval at {cfg['crop']}px, "
-                          f"dim {features['train'].shape[1]}, {time.time() - t0:.1f}s")
-        return features
-
-    for k in args.shots:
-        for seed in args.seeds:
-            if stop:
-                raise transfer.Stopped(stop.signum)
-            idx = subset(train, k, seed, args.multilabel_mode)
-
-            def fit():
-                f = extract()
-                w, b = fit_logistic(f["train"][idx], train.targets[idx], train.multilabel, args.probe_c,
-                                    args.probe_iters)
-                eval_x, eval_y = f["eval"]
-                return (torch.as_tensor(eval_x) @ w + b).numpy(), eval_y, args.probe_iters
-
-            key = transfer.run_key(args, "linear", k, seed)
-            yield key, transfer.run_cell(args, env, key, evalset, len(idx), fit)
-
-
-def finetune_cells(args, env, base_model, train, evalset, stop):
-    """One fine-tune per (k, seed) through transfer.run; --oversample in full-shot runs only."""
-    for k in args.shots:
-        for seed in args.seeds:
-            idx = subset(train, k, seed, args.multilabel_mode)
-            key = transfer.run_key(args, "finetune", k, seed)
-            yield key, transfer.run(args, env, base_model, transfer.view(train, idx), evalset, k, seed, stop,
-                                    oversample=args.oversample and k == 0)
-
-
-def run_grid(args):
-    """The whole grid; rows of the finished runs. Failed runs are listed at the end and end the
-    process with status 1, a stop signal with 128 + its number."""
-    env = models.setup_distributed(args.device)
-    try:
-        with models.folder_lock(args.out) if env.is_master else contextlib.nullcontext(), \
-                models.StopSignals() as stop:
-            train, evalset, split = transfer.load_target(args.data)
-            if train.multilabel and args.multilabel_mode == "single":
-                # A different task (other rows, single-label metrics): recorded under its own name.
-                train, evalset = single_label_view(train), single_label_view(evalset)
-                args.target = f"{args.target}_single"
-            models.print0(f"target {args.target}: {len(train)} train, {len(evalset)} {split}, "
-                          f"{'multi-label' if train.multilabel else 'single-label'}, {len(train.labels)} labels, "
-                          f"pipeline {args.pipeline}")
-            log_short_classes(train, args.shots)
-            torch.manual_seed(args.seeds[0])  # one random init (--init scratch) shared by the grid
-            base, args.input_norm = transfer.init_model(args, len(train.labels))
-            cfg = transfer.settings(args, len(train), train.meta.get("orig_size", [train.meta["size"]] * 2))
-            if not args.linear_probe:
-                transfer.check_batch(cfg, args, env)
-                note = transfer.long_cpu_run_note(env.device, cfg)
-                if note:
-                    models.print0(note)
-            models.save_args(args.out, args)
-            cells = (probe_cells if args.linear_probe else finetune_cells)(args, env, base, train, evalset, stop)
-            rows, failed = [], []
-            try:
-                for key, row in cells:
-                    if row is None:
-                        failed.append(key)
-                    elif row:
-                        rows.append(row)
-            except transfer.Stopped as e:
-                transfer.stopped_exit(e, args)
-            if failed:
-                models.print0(f"{len(failed)} of {len(args.shots) * len(args.seeds)} runs failed "
-                              f"(reasons in {transfer.failures_path(args)}): "
-                              + "; ".join(transfer.describe(key) for key in failed))
-                raise SystemExit(1)
-            if env.world_size > 1:
-                dist.barrier()  # every rank done before the group goes (no abort at exit)
-            return rows
-    finally:
-        models.cleanup_distributed()
+def main(args):
+    if args.summarize:
+        return run_summary(args)
+    return transfer.run(args, [(k, seed) for k in dict.fromkeys(args.shots) for seed in args.seeds])
 
 
 # ----------------------------------------------------------------------------------------
@@ -614,23 +399,6 @@ def read_summary_inputs(files):
     return results
 
 
-def add_summary_arguments(parser):
-    """Flags of --summarize (the summary section's own)."""
-    parser.add_argument("--summarize", nargs="+", metavar="RESULTS", default=None,
-                        help="only summarise results into summary.csv, summary.md, fewshot.png, "
-                             "source_size.png, the paper's published numbers beside matching cells: "
-                             "results CSVs or OUT folders, or the authors' finetuning_results_*.csv "
-                             "files or their results/ folder")
-    parser.add_argument("--summary-dir", default=None,
-                        help="with --summarize: folder for its outputs (default: the first input's folder)")
-    parser.add_argument("--paper-curves", action="store_true",
-                        help="with --summarize: draw the paper's curve of every matching source and "
-                             "model dashed in fewshot.png")
-    parser.add_argument("--source-sizes", nargs="+", metavar="NAME=COUNT", default=None,
-                        help="with --summarize: pre-training set sizes per source for source_size.png")
-    return parser
-
-
 def run_summary(args):
     files = summary_inputs(args.summarize)
     results = read_summary_inputs(files)
@@ -666,40 +434,6 @@ def run_summary(args):
           + (f"; {curves} paper curves dashed in fewshot.png" if args.paper_curves else ""))
     print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
     return summary
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-
-def get_args_parser():
-    parser = models.ArgumentParser(description="Few-shot transfer grid over shots and seeds, and its summary.")
-    transfer.add_common_arguments(parser)
-    parser.add_argument("--shots", nargs="+", type=parse_shots, default=[1, 5, 10, 100, 0],
-                        help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
-                             "the whole training split")
-    parser.add_argument("--seeds", nargs="+", type=models.at_least(0), default=[0, 1, 2, 3, 4],
-                        help="seeds of subset choice and training (the paper's 0..4)")
-    parser.add_argument("--multilabel-mode", default="single", choices=["single", "multi"],
-                        help="multi-label targets: single = images with exactly one positive, trained "
-                             "single-label (the paper's way; results under TARGET_single); "
-                             "multi = >= k positives per label, trained multi-label")
-    parser.add_argument("--linear-probe", action="store_true",
-                        help="logistic regression on frozen features instead of fine-tuning")
-    parser.add_argument("--probe-c", type=float, default=1.0,
-                        help="inverse L2 strength of the linear probe (scikit-learn's C)")
-    parser.add_argument("--probe-iters", type=int, default=500, help="L-BFGS iterations of the linear probe")
-    add_summary_arguments(parser)
-    return parser
-
-
-def main(args):
-    if args.summarize:
-        return run_summary(args)
-    transfer.finish_args(args)
-    if args.probe_c <= 0 or args.probe_iters < 1:
-        raise models.UserError("--probe-c must be > 0 and --probe-iters >= 1")
-    args.shots = list(dict.fromkeys(args.shots))
-    return run_grid(args)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,14 @@ def test_select_shots_exact_deterministic_nested():
     targets = onehot(classes, 4)
     prev = set()
     for k in (1, 5, 10, 100):
-        idx = fewshot.select_shots(targets, k, seed=3)
+        idx = transfer.select_shots(targets, k, seed=3)
         assert np.bincount(classes[idx], minlength=4).tolist() == [k] * 4
         assert len(set(idx)) == len(idx) == 4 * k
-        assert np.array_equal(idx, fewshot.select_shots(targets, k, seed=3))
+        assert np.array_equal(idx, transfer.select_shots(targets, k, seed=3))
         assert prev <= set(idx)  # nested: the smaller subsets are inside
         prev = set(idx)
-    assert not np.array_equal(fewshot.select_shots(targets, 5, 3), fewshot.select_shots(targets, 5, 4))
-    assert np.array_equal(fewshot.select_shots(targets, 0, 3), np.arange(500))
+    assert not np.array_equal(transfer.select_shots(targets, 5, 3), transfer.select_shots(targets, 5, 4))
+    assert np.array_equal(transfer.select_shots(targets, 0, 3), np.arange(500))
 
 
 def test_select_shots_paper_rule_short_class_keeps_all():
@@ -53,16 +53,16 @@ def test_select_shots_paper_rule_short_class_keeps_all():
         members = [np.flatnonzero(classes == c) for c in range(3)]
         shuffled = [m[rng.permutation(len(m))] for m in members]
         for k in (1, 3, 5, 500):
-            idx = fewshot.select_shots(targets, k, seed)
+            idx = transfer.select_shots(targets, k, seed)
             assert sorted(idx) == sorted(np.concatenate([s[:k] for s in shuffled]))
-        assert np.bincount(classes[fewshot.select_shots(targets, 5, seed)]).tolist() == [4, 5, 1]
-    assert fewshot.short_classes(targets, 5, ["a", "b", "c"]) == [("a", 4), ("c", 1)]
-    assert fewshot.short_classes(targets, 0, ["a", "b", "c"]) == []
+        assert np.bincount(classes[transfer.select_shots(targets, 5, seed)]).tolist() == [4, 5, 1]
+    assert transfer.short_classes(targets, 5, ["a", "b", "c"]) == [("a", 4), ("c", 1)]
+    assert transfer.short_classes(targets, 0, ["a", "b", "c"]) == []
 
 
 def test_single_label_view_of_multilabel():
     y = np.array([[1, 0, 0], [1, 1, 0], [np.nan, 1, 0], [0, 0, 0], [0, 0, 1]], np.float32)
-    keep, hot = fewshot.single_label(y)
+    keep, hot = transfer.single_label(y)
     assert keep.tolist() == [0, 2, 4]  # unknown counts as negative, no positive = dropped
     assert hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
@@ -73,16 +73,16 @@ def test_select_shots_multilabel_greedy():
     y[rng.random(y.shape) < 0.1] = np.nan
     prev = set()
     for k in (1, 2, 5):
-        idx = fewshot.select_shots_multilabel(y, k, seed=0)
+        idx = transfer.select_shots_multilabel(y, k, seed=0)
         counts = (np.nan_to_num(y[idx]) > 0.5).sum(0)
         assert (counts >= k).all()
         assert counts.min() == k  # greedy: stops as soon as the rarest label has k
-        assert np.array_equal(idx, fewshot.select_shots_multilabel(y, k, seed=0))
+        assert np.array_equal(idx, transfer.select_shots_multilabel(y, k, seed=0))
         assert prev <= set(idx)
         prev = set(idx)
-    assert len(fewshot.select_shots_multilabel(y, 5, 0)) < 60  # far from all 400 rows
+    assert len(transfer.select_shots_multilabel(y, 5, 0)) < 60  # far from all 400 rows
     rare = int((np.nan_to_num(y[:, 4]) > 0.5).sum())  # a label with fewer than k keeps all it has
-    counts = (np.nan_to_num(y[fewshot.select_shots_multilabel(y, rare + 3, 0)]) > 0.5).sum(0)
+    counts = (np.nan_to_num(y[transfer.select_shots_multilabel(y, rare + 3, 0)]) > 0.5).sum(0)
     assert counts[4] == rare and (counts[:4] >= rare + 3).all()
 
 
@@ -94,7 +94,7 @@ def test_fit_logistic_multinomial_matches_sklearn():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6))
     cls = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.8, size=120) > 0).astype(int) + (x[:, 2] > 1)
-    w, b = fewshot.fit_logistic(x, onehot(cls, 3), multilabel=False, c=0.5)
+    w, b = transfer.fit_logistic(x, onehot(cls, 3), multilabel=False, c=0.5)
     ours = softmax(x @ w.double().numpy() + b.double().numpy())
     ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=5000).fit(x, cls).predict_proba(x)
     assert np.abs(ours - ref).max() < 1e-3
@@ -106,7 +106,7 @@ def test_fit_logistic_multilabel_one_vs_rest_masks_unknown():
     x = rng.normal(size=(100, 4))
     y = (x[:, :2] + rng.normal(size=(100, 2)) > 0).astype(float)
     y[rng.random(y.shape) < 0.2] = np.nan
-    w, b = fewshot.fit_logistic(x, y, multilabel=True, c=2.0)
+    w, b = transfer.fit_logistic(x, y, multilabel=True, c=2.0)
     for j in range(2):
         known = ~np.isnan(y[:, j])
         ref = LogisticRegression(C=2.0, tol=1e-10, max_iter=5000).fit(x[known], y[known, j])
@@ -241,7 +241,7 @@ def test_failing_cell_does_not_stop_the_grid(prepared, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exc:
         fewshot.main(fewshot.get_args_parser().parse_args(argv))
     log = capsys.readouterr().out
-    assert exc.value.code == 1 and "1 of 2 runs failed" in log and "shots=1 seed=0" in log.splitlines()[-1]
+    assert exc.value.code == 1 and "1 of 2 cells failed" in log and "shots=1 seed=0" in log.splitlines()[-1]
     results = pd.read_csv(out / "results.csv")
     assert results["shots"].tolist() == [2]  # the rest ran; no metric row for the failure
     assert pd.read_csv(out / "failures.csv")["shots"].tolist() == [1]

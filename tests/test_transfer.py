@@ -231,12 +231,14 @@ def test_agc_finetune_step_matches_the_formula():
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     cfg = transfer.settings(transfer.get_args_parser().parse_args(["--data", "x"]), 100, (224, 224))
-    assert cfg["agc"] and cfg["nesterov"] and cfg["lr"] == 0.001 and cfg["batch_size"] == 128
-    optimizer, clip = transfer.make_optimizer(model, cfg)
+    assert cfg["agc"] == 0.01 and cfg["nesterov"] and cfg["lr"] == 0.001 and cfg["batch_size"] == 128
     lr = 0.5
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    models.train_step(model, optimizer, [(x, y)], False, torch.device("cpu"), clip=clip)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    # the authors' rule (optim/sgd_agc.py): every tensor but the 2-D / 4-D ones with one row per class
+    agc_params = models.agc_parameters(model, 3)
+    assert [n for n, p in model.named_parameters() if all(p is not q for q in agc_params)] == ["head.conv.weight"]
+    models.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [(x, y)], False,
+                      agc_params=agc_params, agc=cfg["agc"])
     clipped = 0
     for name, p in model.named_parameters():
         g, w = grads[name], ref[name]
@@ -251,7 +253,7 @@ def test_agc_finetune_step_matches_the_formula():
         assert torch.allclose(p.detach(), w - lr * step, atol=1e-6), name
     assert clipped > 0
     bit = transfer.settings(transfer.get_args_parser().parse_args(["--data", "x", "--recipe", "bit"]), 100, (9, 9))
-    assert transfer.make_optimizer(model, bit)[1] is None and not bit["nesterov"] and bit["batch_size"] == 512
+    assert bit["agc"] == 0 and not bit["nesterov"] and bit["batch_size"] == 512
 
 
 def test_chest_pipeline_settings_and_run(prepared, tmp_path):
