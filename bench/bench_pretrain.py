@@ -70,10 +70,10 @@ def main(a):
     model = models.create_model(a.model, len(dataset.labels)).to(
         device, memory_format=torch.channels_last if a.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type) if a.dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=a.dtype == "fp16")
 
     def step(x, y):
-        return models.train_step(model, optimizer, [(x, y)], True, device, a.dtype, scaler)
+        return models.train_step(model, optimizer, scaler, [(x, y)], True, a.dtype)
 
     x0, y0 = dataset.__getitems__(list(range(a.batch_size)))
     x0 = pretrain.augment(x0.to(device), 0, 0, args)
