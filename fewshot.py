@@ -324,7 +324,7 @@ def authors_results(table):
     ours = {}
     for name, paper in PAPER_TARGETS.items():
         ours.setdefault(paper, name)
-    long = pd.DataFrame({"method": AUTHORS, "source": net["source"],
+    long = pd.DataFrame({"method": AUTHORS, "source": net["source"], "source_seed": "",
                          "model": "R" + net["depth"] + "x" + net["width"],
                          "target": t["dataset"].astype(str).map(lambda d: ours.get(d, d)),
                          "shots": shots.replace("full", "0").astype(int), "seed": t["seed"].astype(int),
@@ -382,6 +382,7 @@ def read_summary_inputs(files):
         if set(AUTHORS_COLUMNS) <= set(table.columns):
             authors.append(table)
             continue
+        table = table.reindex(columns=list(dict.fromkeys(["source_seed", *table.columns])), fill_value="")  # older files
         missing = [c for c in transfer.KEY_COLUMNS + METRICS + ["headline"] if c not in table.columns]
         if missing:
             raise models.UserError(f"{csv} is not a results file (missing columns {', '.join(missing)})")

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -53,8 +54,14 @@ RECIPES = {"paper": {"batch_size": 128, "lr": 0.001, "nesterov": True, "agc": 0.
 CHEST_SIZE = 224        # the paper's PadChest target: models.CHEST_AUGMENT at 224 px
 LONG_CPU_PIXELS = 1e8   # training pixels (crop^2 x batch x steps) above which a CPU run takes long
 LOG_SECONDS = 60        # a log line at least this often, whatever --log-every says
-KEY_COLUMNS = ["method", "source", "model", "target", "shots", "seed"]
-RESULT_COLUMNS = KEY_COLUMNS + ["source_size", "task", "headline", "accuracy", "auc", "map", "ci_low",
+KEY_COLUMNS = ["method", "source", "source_seed", "model", "target", "shots", "seed"]
+# What produced a cell: a short content hash of the --init file, and of the arguments that change
+# a cell's result (all but NOT_SETTINGS). A cell is skipped only when both match.
+IDENTITY_COLUMNS = ["weights", "settings"]
+NOT_SETTINGS = {"data", "init", "source", "source_seed", "source_size", "target", "out", "results", "device",
+                "log_every", "save", "shots", "seed", "seeds", "summarize", "summary_dir", "paper_curves",
+                "source_sizes"}
+RESULT_COLUMNS = KEY_COLUMNS + IDENTITY_COLUMNS + ["source_size", "task", "headline", "accuracy", "auc", "map", "ci_low",
                                 "ci_high", "num_train", "num_eval", "steps", "input_norm", "pipeline",
                                 "wall_s", "commit", "args"]
 FAILURE_COLUMNS = KEY_COLUMNS + ["reason", "num_train", "commit", "time"]
@@ -459,11 +466,25 @@ def read_table(path):
                                "away or choose another --results") from None
 
 
+def identity(args):
+    """{"weights": short sha256 of the --init file or "scratch", "settings": short sha256 of the
+    arguments that change a cell's result}: what produced a row."""
+    digest = "scratch"
+    if args.init != "scratch":
+        h = hashlib.sha256()
+        with open(args.init, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()[:16]
+    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}, default=str)
+    return {"weights": digest, "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
+
+
 def matching(df, key):
-    """Rows of a text table whose key columns equal `key` (compared as text)."""
+    """Rows of a text table whose columns equal `key` (as text; a column the table lacks is empty)."""
     if df.empty:
         return np.zeros(0, bool)
-    return (df[list(key)].to_numpy() == np.array([str(v) for v in key.values()])).all(1)
+    return (df.reindex(columns=list(key), fill_value="").to_numpy() == np.array([str(v) for v in key.values()])).all(1)
 
 
 def _typed(text):
@@ -479,19 +500,24 @@ def find_result(path, key):
     df = read_table(path)
     if not matching(df, key).any():
         return None
-    return {c: v if c in KEY_COLUMNS else _typed(v) for c, v in df[matching(df, key)].iloc[0].items()}
+    text = KEY_COLUMNS + IDENTITY_COLUMNS
+    return {c: v if c in text else _typed(v) for c, v in df[matching(df, key)].iloc[0].items()}
 
 
 def append_row(path, row, columns, key=None):
     """Append `row` to the CSV at `path` under an exclusive lock on PATH.lock (grids sharing one
-    results file never lose each other's rows): re-read, written whole. With `key`, nothing is
-    added when a row with that key is there already; returns whether the row was added."""
+    results file never lose each other's rows): re-read, written whole. With `key`, a row of that
+    key and the same identity there already means another run recorded the cell first: nothing
+    is added (returns False); a row of that key from other weights or settings is replaced."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         df = read_table(path)
-        if key is not None and matching(df, key).any():
-            return False
+        if key is not None and not df.empty:
+            same = matching(df, key)
+            if (same & matching(df, {c: row.get(c, "") for c in IDENTITY_COLUMNS})).any():
+                return False
+            df = df[~same]
         new = pd.DataFrame([{c: "" if v is None else v for c, v in row.items()}]).astype(str)
         df = pd.concat([df, new], ignore_index=True) if not df.empty else new
         df = df[[c for c in columns if c in df] + [c for c in df.columns if c not in columns]].fillna("")
@@ -511,15 +537,20 @@ def describe(key):
     return " ".join(f"{k}={v}" for k, v in key.items())
 
 
-def run_cell(args, env, key, evalset, num_train, fit):
-    """Skip the cell when the results CSV has `key`; else fit() -> (evaluation logits, targets,
-    steps), score, log and record: one results row, per_class.csv and args.json in the
-    cell's folder. A failure is logged and recorded in failures.csv and gives None, so that a
-    grid goes on; Stopped and KeyboardInterrupt pass. Returns the row ({} on ranks > 0)."""
+def run_cell(args, env, key, made_by, evalset, num_train, fit):
+    """Skip the cell when the results CSV has `key` made by the same weights and settings
+    (`made_by`, see identity()); else fit() -> (evaluation logits, targets, steps), score, log and
+    record: one results row (replacing one of other weights or settings), per_class.csv and
+    args.json in the cell's folder. A failure is logged and recorded in failures.csv and gives
+    None, so that a grid goes on; Stopped and KeyboardInterrupt pass. Returns the row ({} on
+    ranks > 0)."""
     done = find_result(results_path(args), key)
-    if done is not None:
+    if done is not None and all(done.get(c) == v for c, v in made_by.items()):
         models.print0(f"skip {describe(key)}: already in {results_path(args)}")
         return done
+    if done is not None:
+        models.print0(f"{describe(key)}: the row in {results_path(args)} came from other weights or settings; "
+                      "running the cell again to replace it")
     t0 = time.time()
     try:
         logits, targets, steps = fit()
@@ -543,7 +574,7 @@ def run_cell(args, env, key, evalset, num_train, fit):
     models.save_args(run_dir(args, key), args)
     with models.atomic_write(os.path.join(run_dir(args, key), "per_class.csv")) as f:
         per_class_metrics(logits, targets, evalset.multilabel, evalset.labels).to_csv(f, index=False)
-    row = {**key, "source_size": args.source_size, "task": "multilabel" if evalset.multilabel else "multiclass",
+    row = {**key, **made_by, "source_size": args.source_size, "task": "multilabel" if evalset.multilabel else "multiclass",
            "headline": headline_name(evalset.multilabel, args.pipeline), "accuracy": metrics.get("accuracy", math.nan),
            "auc": metrics["auc"], "map": metrics["map"], "ci_low": ci[0], "ci_high": ci[1], "num_train": num_train,
            "num_eval": len(evalset), "steps": steps, "input_norm": args.input_norm, "pipeline": args.pipeline,
@@ -565,6 +596,8 @@ def add_arguments(parser):
     add("--model", default="R50x1", choices=models.MODEL_NAMES, help="network")
     add("--source", default=None, help="name of the pre-training source in the results (default: 'scratch', or "
         "the --init path relative to the working directory, so two weight files never share a name)")
+    add("--source-seed", type=int, default=None, help="the pre-training seed of the --init weights, recorded so "
+        "that the summary counts pre-training seeds as a source of variation (run_all.sh sets it)")
     add("--source-size", type=int, default=None, help="number of pre-training images, recorded for the size plot")
     add("--target", default=None, help="name of the target in the results (default: meta.json name or folder name)")
     add("--out", default="runs/transfer", help="output folder, one run or grid at a time (for grids at the "
@@ -701,16 +734,17 @@ def run(args, cells):
                               "keep all they have: " + ", ".join(f"{name!r} {n}" for name, n in short[:5])
                               + (f" and {len(short) - 5} more" if len(short) > 5 else ""))
         models.save_args(args.out, args)
-        rows, failed, features = [], [], {}
+        rows, failed, features, made_by = [], [], {}, identity(args)
         for shots, seed in cells:
-            key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source, "model": args.model,
+            key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source,
+                   "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
                    "target": args.target, "shots": shots, "seed": seed}
             select = select_shots_multilabel if train.multilabel else select_shots
             idx = select(train.targets, shots, seed)
             try:
                 if stop:
                     raise Stopped(stop.signum)
-                row = run_cell(args, env, key, evalset, len(idx),
+                row = run_cell(args, env, key, made_by, evalset, len(idx),
                                lambda: fit_cell(args, env, base, train, evalset, idx, key, stop, features))
             except Stopped as e:
                 models.print0(f"stopped by {signal.Signals(e.signum).name} after {len(rows)} of {len(cells)} "

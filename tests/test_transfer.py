@@ -188,6 +188,33 @@ def test_transfer_end_to_end_and_resume_skip(prepared, tmp_path, capsys):
     assert len(pd.read_csv(out / "results.csv")) == 1
 
 
+def test_a_cell_is_skipped_only_for_the_same_weights_and_settings(prepared, tmp_path, capsys):
+    """The row of a cell records what made it (a content hash of --init, a hash of the settings):
+    a rerun skips it only when both match; other weights at the same path, or other settings,
+    run the cell again and replace its row."""
+    data, weights, out = prepared("tb"), tmp_path / "pre" / "best.pt", tmp_path / "o"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    models.save_checkpoint(str(weights), models.create_model("R14x1", 5), step=3)
+    argv = ["--data", str(data), "--out", str(out), "--init", str(weights), "--steps", "2"] + TINY
+
+    def rerun(*extra):
+        transfer.main(transfer.get_args_parser().parse_args(argv + list(extra)))
+        return capsys.readouterr().out, transfer.read_table(out / "results.csv")
+
+    _, first = rerun()
+    log, again = rerun()
+    assert "skip method=finetune" in log and again.equals(first)
+    torch.manual_seed(1)
+    models.save_checkpoint(str(weights), models.create_model("R14x1", 5), step=8)  # the source trained on
+    log, changed = rerun()
+    assert "came from other weights or settings" in log and len(changed) == 1
+    assert changed["weights"][0] != first["weights"][0] and changed["settings"][0] == first["settings"][0]
+    log, longer = rerun("--steps", "3")
+    assert "came from other weights or settings" in log and len(longer) == 1 and longer["steps"][0] == "3"
+    assert longer["settings"][0] != changed["settings"][0]
+
+
 def test_multilabel_target_oversampling_batch_split_mixup(prepared, tmp_path):
     data = prepared("ml", task="multilabel", n_train=10, n_eval=10)
     args = transfer.get_args_parser().parse_args(
