@@ -1,4 +1,4 @@
-"""Turn raw dataset downloads into prepared datasets that training reads without decoding.
+"""Raw dataset downloads -> prepared datasets that training reads without decoding.
 
     python prepare_data.py --dataset nih --root /data/NIH-ChestXRay-14 --out data/nih
     python prepare_data.py --dataset chexpert --root /data/CheXpert-v1.0-small --out data/chexpert --workers 16
@@ -6,33 +6,25 @@
     python prepare_data.py --dataset imagenet --root /data/ILSVRC2012 --out data/imagenet   # train/, val/<wnid>/
     python prepare_data.py --dataset demo --out raw_demo        # synthetic raw folders in the real layouts
 
-Conversion is one process (no torchrun) with --workers decoding processes; an interrupted run
-continues where it stopped (work in progress lives in OUT/.work). The prepared folder is then
-read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs:
+A prepared dataset is a folder, read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs:
     images.npy       uint8 array (N, S, S, C), C = 1 (X-rays) or 3 (natural images), memory-mapped
     labels.csv       row i describes images[i]: path, patient, view, split (train/valid/test), then one
                      column per label holding 1, 0 or empty (unknown; masked in the loss)
-    meta.json        {"name", "size", "channels", "labels", "task": "multilabel" | "multiclass",
-                      "orig_size": [H, W] median original size (BiT-HyperRule), "counts": {...},
-                      "pipeline": "bit" | "chest" (transfer.py's input pipeline), "split_by"};
-                     written last: a folder without it is not a dataset
+    meta.json        name, size, channels, labels, task (multilabel | multiclass), orig_size (median
+                     original [H, W], for the BiT-HyperRule), counts, pipeline (transfer.py's input
+                     pipeline: bit | chest), split_by; written last: a folder without it is not a dataset
     rejects.csv      files that could not be prepared, with the reason
     label_stats.csv  positive / negative / masked counts per label and split
-Each dataset's facts (parser, task, channels, splits, views) are one row of DATASETS.
+Conversion is resumable: the work in progress lives in OUT/.work.
 
-Images. Every format goes through the same two steps:
- 1. Intensity -> uint8 by one linear map of the format's nominal value range onto [0, 255]:
-    8-bit PNG/JPEG [0, 255] (unchanged); 16-bit PNG [0, 2^bits - 1] with bits = the dataset's
-    BitsStored when known (PadChest) else 16; DICOM: stored values pass the modality LUT
-    (RescaleSlope/Intercept) and the range is that of BitsStored (and PixelRepresentation)
-    after the same rescale. MONOCHROME1 is inverted (255 - v). DICOM windowing (WindowCenter /
-    WindowWidth) is NOT applied: windows are display presets that differ between vendors and
-    would clip information; the full stored range is kept, as the PNG/JPEG exports of the
-    public datasets do. Colour images become grayscale for X-ray datasets (ITU-R 601 luma,
-    Pillow's "L") and RGB for natural ones (alpha dropped, palettes expanded).
- 2. Geometry: center crop to a square of the shorter side, then resize to --size with Pillow's
-    bilinear filter, whose support widens with the downscale factor (antialiased). JPEGs are
-    DCT-downscaled first when they are at least twice the target (Pillow's draft mode).
+Images, every format alike: (1) one linear map of the format's nominal value range onto uint8
+[0, 255]: 8-bit PNG/JPEG as they are; 16-bit PNG [0, 2^bits - 1], bits = the dataset's
+BitsStored (PadChest) else 16; DICOM the range of BitsStored (and PixelRepresentation) after
+the modality LUT (RescaleSlope/Intercept), MONOCHROME1 inverted. DICOM windows are not applied:
+they are vendors' display presets that would clip, and the public datasets' PNG/JPEG exports
+keep the full range too. Colour becomes grayscale (ITU-R 601 luma) for X-rays, RGB for natural
+images. (2) A center crop to the square of the shorter side, resized to --size by Pillow's
+bilinear filter, antialiased (JPEGs at least twice the target are DCT-downscaled first).
 """
 import ast
 import concurrent.futures
@@ -70,8 +62,8 @@ META_KEYS = {"name": str, "size": int, "channels": int, "labels": list, "task": 
 
 
 def save_prepared(out, images, table, labels, task, name="", extra_meta=None):
-    """Write an in-memory dataset (uint8 images (N, S, S[, C]) and a table with META_COLUMNS +
-    labels) as a prepared folder."""
+    """An in-memory dataset (uint8 images (N, S, S[, C]), a table of META_COLUMNS + labels) as a
+    prepared folder."""
     images = np.asarray(images, np.uint8)
     if images.ndim == 3:
         images = images[..., None]
@@ -84,8 +76,24 @@ def save_prepared(out, images, table, labels, task, name="", extra_meta=None):
                      "labels": list(labels), "task": task, **(extra_meta or {})})
 
 
+def write_images(path, shape, parts):
+    """images.npy from the rows of (array, rows) parts, 512 at a time: a dataset larger than
+    memory is copied in bounded memory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, shape)
+    start = 0
+    for src, rows in parts:
+        for k in range(0, len(rows), 512):
+            chunk = src[rows[k:k + 512]]
+            dst[start:start + len(chunk)] = chunk
+            start += len(chunk)
+    dst.flush()
+    del dst
+    models.replace_file(tmp, path)
+
+
 def write_meta(out, meta):
-    """meta.json marks a folder complete, so every writer calls this last."""
+    """Every writer calls this last: meta.json marks a folder complete."""
     with models.atomic_write(os.path.join(out, "meta.json")) as f:
         json.dump(meta, f, indent=1)
 
@@ -108,7 +116,7 @@ def counts(table):
 
 
 def report(table, labels, out):
-    """Print images per split and view and the label counts; write them to label_stats.csv."""
+    """Print the images per split and view and the label counts; write label_stats.csv."""
     c = counts(table)
     print0("images: " + "  ".join(f"{k} {v}" for k, v in c["split"].items()) + f"  total {len(table)}")
     print0("views: " + "  ".join(f"{k} {v}" for k, v in c["view"].items()))
@@ -117,27 +125,10 @@ def report(table, labels, out):
         v = pd.to_numeric(table[label], errors="coerce")
         for split in [s for s in SPLITS if (table["split"] == s).any()] + ["all"]:
             x = v if split == "all" else v[table["split"] == split]
-            rows.append({"label": label, "split": split, "positive": int((x == 1).sum()),
-                         "negative": int((x == 0).sum()), "masked": int(x.isna().sum())})
-            print0(f"label {label!r} split {split}: positive {rows[-1]['positive']} negative "
-                   f"{rows[-1]['negative']} masked {rows[-1]['masked']}")
-    write_csv(os.path.join(out, "label_stats.csv"), pd.DataFrame(rows))
-
-
-def write_images(path, shape, parts):
-    """images.npy of `shape` from (array, rows) parts, copied 512 rows at a time so that a
-    dataset larger than memory is copied in bounded memory; written whole (temp name, rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, shape)
-    start = 0
-    for src, rows in parts:
-        for k in range(0, len(rows), 512):
-            chunk = src[rows[k:k + 512]]
-            dst[start:start + len(chunk)] = chunk
-            start += len(chunk)
-    dst.flush()
-    del dst
-    models.replace_file(tmp, path)
+            rows.append((label, split, int((x == 1).sum()), int((x == 0).sum()), int(x.isna().sum())))
+            print0("label {!r} split {}: positive {} negative {} masked {}".format(*rows[-1]))
+    write_csv(os.path.join(out, "label_stats.csv"),
+              pd.DataFrame(rows, columns=["label", "split", "positive", "negative", "masked"]))
 
 
 def read_meta(folder):
@@ -145,8 +136,7 @@ def read_meta(folder):
     a one-line error."""
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); "
-                                "run prepare_data.py first")
+        raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); run prepare_data.py first")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -163,8 +153,8 @@ def read_meta(folder):
 
 
 def read_labels_csv(folder, labels, multiclass=False):
-    """labels.csv of a prepared folder; its label cells must be 1, 0 or empty (and one 1 per
-    row for a multiclass task), else a one-line error naming the line and column."""
+    """labels.csv of a prepared folder: label cells other than 1, 0 or empty (and a multiclass
+    row without exactly one 1) are a one-line error naming line and column."""
     path = os.path.join(folder, "labels.csv")
     t = read_table(path, dtype=str, keep_default_na=False)
     require_columns(t, META_COLUMNS + list(labels), path)
@@ -180,8 +170,8 @@ def read_labels_csv(folder, labels, multiclass=False):
 
 
 def open_images(folder, meta, rows):
-    """images.npy of a prepared folder, memory-mapped, checked against meta.json (side,
-    channels) and labels.csv (rows): a truncated or mismatched file is a one-line error."""
+    """images.npy of a prepared folder, memory-mapped; one that is truncated or disagrees with
+    meta.json (side, channels) or labels.csv (rows) is a one-line error."""
     path = require_file(os.path.join(folder, "images.npy"))
     try:
         images = np.load(path, mmap_mode="r")
@@ -201,16 +191,13 @@ def validation_split(table):
 
 
 class PreparedDataset(torch.utils.data.Dataset):
-    """Rows of one split (or all rows) of a prepared folder. Indexing returns
-    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__`
-    reads a whole batch with one fancy index into the memory map."""
+    """Rows of one split ("train" / "valid" / "test", None: all) of a prepared folder, of the
+    given views only (None: all; a folder holds every view a recipe may need). Indexing returns
+    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__` reads a
+    whole batch with one fancy index into the memory map."""
 
     def __init__(self, folder, split=None, views=None):
-        """split: "train" / "valid" / "test", or None for all rows. views: keep only rows whose
-        view is one of these (e.g. ["PA", "AP"]), or None for all; a folder is prepared once
-        with every view a recipe may need and each recipe picks its own at training time."""
-        self.folder = folder
-        self.meta = read_meta(folder)
+        self.folder, self.meta = folder, read_meta(folder)
         self.labels = self.meta["labels"]
         self.multilabel = self.meta["task"] == "multilabel"
         self.table = read_labels_csv(folder, self.labels, multiclass=not self.multilabel)
@@ -229,8 +216,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices):
         indices = np.asarray(indices)
-        return (torch.from_numpy(self.images[self.rows[indices]]),
-                torch.from_numpy(self.targets[indices]))
+        return torch.from_numpy(self.images[self.rows[indices]]), torch.from_numpy(self.targets[indices])
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,8 +233,8 @@ PADCHEST_LABELS = NIH_LABELS + ["Fracture", "Granuloma", "Flattened Diaphragm", 
                                 "Aortic Elongation", "Scoliosis", "Hilar Enlargement", "Support Devices",
                                 "Tuberculosis", "Air Trapping", "Costophrenic Angle Blunting",
                                 "Aortic Atheromatosis", "Hemidiaphragm Elevation"]
-# Cross-dataset label names: CheXpert's and MIMIC's "Pleural Effusion" is NIH's and PadChest's
-# "Effusion", so merged sources share it (the 7-label intersection of the paper).
+# CheXpert's and MIMIC's "Pleural Effusion" is NIH's and PadChest's "Effusion", so that merged
+# sources share it (the 7-label intersection of the paper).
 LABEL_RENAMES = {"Pleural Effusion": "Effusion"}
 # A PadChest label is positive when its lower-cased name or a synonym occurs inside one of the
 # image's label strings (so "laminar atelectasis" counts as Atelectasis, as in the paper).
@@ -261,12 +247,12 @@ PADCHEST_SYNONYMS = {
     "Hilar Enlargement": ["adenopathy", "pulmonary artery enlargement"],
     "Support Devices": ["device", "pacemaker"],
 }
-# Each dataset's raw view value -> the harmonised name; values not listed are kept as they are.
-# CheXpert rows carry their AP/PA value when frontal, "Lateral" otherwise. MIMIC's ViewPosition
-# is kept as is, as in the paper's code: LATERAL / LL never match "L", so the paper's five-view
-# recipe took CheXpert and PadChest laterals but no MIMIC lateral. NIH has PA and AP only.
+# Raw view values -> harmonised names (others kept as they are). CheXpert rows carry their AP/PA
+# value when frontal, "Lateral" otherwise. MIMIC's ViewPosition is kept as is, as in the paper's
+# code: LATERAL / LL never match "L", so the paper's five-view recipe took CheXpert and PadChest
+# laterals but no MIMIC lateral. NIH has PA and AP only.
 VIEW_NAMES = {"chexpert": {"Lateral": "L"}, "padchest": {"AP_horizontal": "AP Supine"}}
-# Views kept when preparing an X-ray dataset: the paper's five-view recipe; each recipe picks
+# The views an X-ray dataset keeps by default: the paper's five-view recipe; each recipe picks
 # its own subset at training time (PreparedDataset(..., views=...), pretrain.py --views).
 PRETRAIN_VIEWS = ["PA", "AP", "AP Supine", "L", "COSTAL"]
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
@@ -290,14 +276,14 @@ PADCHEST_PAPER_EXCLUDED = frozenset(f"{name}.png" for name in """
 269300710246070740096540277379121868595_e7zsan 216840111366964012373310883942009180082307973_00-097-011
 """.split())
 CHEXPERT_CODES = {-1.0, 0.0, 1.0}   # uncertain, negative, positive; blank = not mentioned
-UNCERTAIN = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}   # --uncertain: what a -1 becomes
+UNCERTAIN = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}   # what --uncertain makes of a -1
 COVIDX_CLASSES = {"positive", "negative", "normal", "pneumonia", "covid-19"}
 
 
 def chexpert_labels(table, file, uncertain="ignore", blank="ignore"):
-    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), sorted, renamed by LABEL_RENAMES.
-    uncertain (-1): ignore (mask) | ones | zeros; blank (not mentioned): ignore | zeros.
-    A row with No Finding = 1 has every pathology 0 (the paper's rule, applied last)."""
+    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), renamed by LABEL_RENAMES:
+    uncertain (-1) and blank (not mentioned) as --uncertain and --blank say; a row with
+    No Finding = 1 has every pathology 0 (the paper's rule, applied last)."""
     require_columns(table, CHEXPERT_LABELS + ["No Finding"], file)
     out = pd.DataFrame(index=table.index)
     healthy = check_codes(table["No Finding"], CHEXPERT_CODES, file, "No Finding") == 1
@@ -321,7 +307,7 @@ def padchest_labels(label_lists):
 
 
 # ----------------------------------------------------------------------------------------
-# Reading raw files: a bad table, cell or file is a one-line error naming it
+# Reading raw files: a bad file, table or cell is a one-line error naming it
 
 def require_file(path):
     if not os.path.exists(path):
@@ -340,14 +326,13 @@ def first_true(mask):
 
 
 def check_codes(values, allowed, file, column):
-    """`values` (a raw column, strings or numbers) as numbers; a value outside `allowed` (blank
+    """A column as read (strings or numbers) -> numbers; a value outside `allowed` (blank
     cells pass) is a one-line error naming file, line and column."""
     numbers = pd.to_numeric(values, errors="coerce")
-    blank = pd.isna(values) | (values.astype(str).str.strip() == "")
-    bad = ~blank & ~numbers.isin(allowed)
+    bad = ~(pd.isna(values) | (values.astype(str).str.strip() == "")) & ~numbers.isin(allowed)
     if bad.any():
         pos = first_true(bad)
-        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(str(v) for v in sorted(allowed))
+        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(map(str, sorted(allowed)))
         raise UserError(f"{file} line {pos + 2} column {column!r}: {str(values.iloc[pos])!r} is not one of "
                         f"{allowed_text} or blank")
     return numbers
@@ -361,11 +346,10 @@ def check_split_names(values, allowed, file):
 
 
 def read_table(path, **kwargs):
-    """pandas.read_csv with a malformed, non-UTF-8 or truncated (.gz) file as a one-line error."""
+    """pandas.read_csv, with a malformed, non-UTF-8 or truncated (.gz) file a one-line error."""
     require_file(path)
     try:
-        if path.endswith(".gz"):
-            # Decompressed whole first: pandas reads a truncated .gz silently up to the cut.
+        if path.endswith(".gz"):   # decompressed whole first: pandas reads a truncated .gz silently up to the cut
             with gzip.open(path) as f:
                 return pd.read_csv(io.BytesIO(f.read()), **kwargs)
         return pd.read_csv(path, **kwargs)
@@ -383,8 +367,8 @@ def read_lines(path):
 
 
 def list_files(root, keep):
-    """Every file under root whose name passes `keep`, sorted. Directory symlinks are followed
-    once: a folder reached twice (a loop, or two links to it) is walked once, and a file reached
+    """Every file under root whose name passes `keep`, sorted. Directory symlinks are followed,
+    but a folder reached twice (a loop, or two links to it) is walked once, and a file reached
     by two paths is listed once."""
     seen_dirs, seen_files, out = set(), set(), []
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -408,11 +392,11 @@ def list_files(root, keep):
 
 class Raw(NamedTuple):
     """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
-    (raw value, harmonised by VIEW_NAMES), split ("train" / "valid" / "test" where the dataset
-    says, "" = to assign), optional group (rows split separately per group, e.g. per folder),
-    optional bits (PadChest BitsStored), optional drop (a reason: the row counts for the split,
-    then is dropped), and either the label columns (multilabel) or one `label` column of class
-    names (multiclass). labels: the label columns, or the classes in order (None: sorted)."""
+    (raw value), split ("train" / "valid" / "test" where the dataset says, "" = to assign),
+    optional group (rows split separately per group, e.g. per folder), optional bits (PadChest
+    BitsStored), optional drop (a reason: the row counts for the split, then is dropped), and
+    either the label columns (multilabel) or one `label` column of class names (multiclass).
+    labels: the label columns, or the classes in order (None: sorted)."""
     table: pd.DataFrame
     labels: list = None
     base: str = ""
@@ -427,28 +411,25 @@ def listed(rows, base, classes=None, images=None):
 
 def parse_chexpert(args):
     """CheXpert v1.0 or v1.0-small: --root is the dataset folder (holding train.csv) or the folder
-    holding it. Paths in the CSVs start with the dataset folder's name."""
+    holding it; the CSVs' paths start with the dataset folder's name."""
     root = args.root
     if not os.path.exists(os.path.join(root, "train.csv")):
-        found = [d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0") if os.path.exists(os.path.join(root, d, "train.csv"))]
+        found = [d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0")
+                 if os.path.exists(os.path.join(root, d, "train.csv"))]
         if not found:
             raise FileNotFoundError(f"no train.csv in {root} or {root}/CheXpert-v1.0[-small]")
         root = os.path.join(root, found[0])
-    parts = []
+    tables = []
     for split in ("train", "valid"):
         name = os.path.join(root, f"{split}.csv")
         t = read_table(name, dtype={"Path": str, "AP/PA": str})
         require_columns(t, ["Path", "Frontal/Lateral", "AP/PA"], name)
-        parts.append(pd.concat([t[["Path", "Frontal/Lateral", "AP/PA"]].reset_index(drop=True),
-                                chexpert_labels(t, name, args.uncertain, args.blank).reset_index(drop=True)], axis=1)
-                     .assign(split=split))
-    t = pd.concat(parts, ignore_index=True)
-    table = pd.DataFrame({"path": t["Path"],
-                          "patient": t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
-                          "view": t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]),
-                          "split": t["split"]})
+        tables.append(chexpert_labels(t, name, args.uncertain, args.blank).assign(
+            path=t["Path"], patient=t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
+            view=t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]), split=split))
     labels = sorted(LABEL_RENAMES.get(l, l) for l in CHEXPERT_LABELS)
-    return Raw(pd.concat([table, t[labels]], axis=1), labels, os.path.dirname(os.path.abspath(root)))
+    table = pd.concat(tables, ignore_index=True)[META_COLUMNS + labels]
+    return Raw(table, labels, os.path.dirname(os.path.abspath(root)))
 
 
 def parse_mimic(args, ext):
@@ -461,9 +442,8 @@ def parse_mimic(args, ext):
     require_columns(split_t, ["dicom_id", "split"], names["split"])
     check_split_names(split_t["split"], {"train", "validate", "test"}, names["split"])
     labels = chexpert_labels(labels_t, names["chexpert"], args.uncertain, args.blank)
-    labels_t = pd.concat([labels_t[["subject_id", "study_id"]], labels], axis=1)
     # One row per image of a labelled study (the paper joins labels onto the metadata).
-    t = meta_t.merge(labels_t, on=["subject_id", "study_id"], how="inner")
+    t = meta_t.merge(pd.concat([labels_t[["subject_id", "study_id"]], labels], axis=1), on=["subject_id", "study_id"])
     t = t.merge(split_t[["dicom_id", "split"]], on="dicom_id", how="left")
     sid, study = t["subject_id"].astype(str), t["study_id"].astype(str)
     paths = "files/p" + sid.str[:2] + "/p" + sid + "/s" + study + "/" + t["dicom_id"].astype(str) + "." + ext
@@ -506,15 +486,13 @@ def parse_nih(args):
 
 def parse_padchest_list(cell):
     """"['pleural effusion', ' unchanged']" -> ['pleural effusion', 'unchanged'] (stripped,
-    empties removed; case kept, as the paper matched case-sensitively); [] when the list holds
-    no label; None when the cell is not a list literal."""
+    empties removed; case kept, as the paper matched case-sensitively); None when the cell is
+    not a list literal."""
     try:
         items = ast.literal_eval(cell.strip())
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return None
-    if not isinstance(items, (list, tuple)):
-        return None
-    return [s for s in (str(i).strip() for i in items) if s]
+    return [s for s in (str(i).strip() for i in items) if s] if isinstance(items, (list, tuple)) else None
 
 
 def parse_padchest(args):
@@ -533,12 +511,12 @@ def parse_padchest(args):
     lines = np.arange(len(t))[keep] + 2
     t, bits = t[keep].reset_index(drop=True), bits[keep].reset_index(drop=True)
     lists = [parse_padchest_list(c) for c in t["Labels"]]
-    drop = ["Labels not a list literal" if l is None else "empty label list" if not l else "" for l in lists]
     if None in lists:
         print0(f"padchest: {csv} line {lines[lists.index(None)]} column 'Labels' is not a list literal (row dropped)")
-    paths = t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"]
-    table = pd.DataFrame({"path": paths, "patient": t["PatientID"], "view": t["Projection"].fillna(""),
-                          "split": "", "bits": bits.fillna(16).astype(int), "drop": drop})
+    table = pd.DataFrame({
+        "path": t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"],
+        "patient": t["PatientID"], "view": t["Projection"].fillna(""), "split": "", "bits": bits.fillna(16).astype(int),
+        "drop": ["Labels not a list literal" if l is None else "empty label list" if not l else "" for l in lists]})
     labels = padchest_labels([l or [] for l in lists])
     return Raw(pd.concat([table, labels], axis=1), list(labels.columns), args.root, dropped)
 
@@ -585,12 +563,12 @@ def parse_imagefolder(args):
     split_dirs = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
     tops = [d for d in sorted(os.listdir(require_file(args.root))) if os.path.isdir(os.path.join(args.root, d))]
     has_splits = bool(tops) and all(d in split_dirs for d in tops)
-    extensions = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+    image = lambda n: n.lower().endswith((".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"))
     rows = []
     for top in (tops if has_splits else [""]):
         folder = os.path.join(args.root, top)
         for cls in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
-            for f in list_files(os.path.join(folder, cls), lambda n: n.lower().endswith(extensions)):
+            for f in list_files(os.path.join(folder, cls), image):
                 path = os.path.relpath(f, args.root)
                 rows.append((path, path, "", split_dirs.get(top, ""), cls))
     if not rows:
@@ -599,21 +577,21 @@ def parse_imagefolder(args):
 
 
 def parse_imagenet(args):
-    """ImageNet-1k (ILSVRC2012) in its standard folders: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
-    (val sorted into class folders, as PyTorch's ImageNet example expects), listed with
-    torchvision's ImageFolder (torchvision.datasets.ImageNet would also need the devkit and the
-    original tarballs). Classes are the sorted wnids, the index order of torchvision and of the
-    released checkpoints; val is the validation split."""
+    """ImageNet-1k (ILSVRC2012) extracted: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted
+    into class folders, as PyTorch's ImageNet example expects; torchvision's ImageNet would also
+    need the devkit and the tarballs). Classes: the sorted wnids, torchvision's index order."""
     from torchvision.datasets import ImageFolder
     rows, classes = [], None
     for sub, split in (("train", "train"), ("val", "valid")):
-        if not os.path.isdir(os.path.join(args.root, sub)):
-            raise FileNotFoundError(f"{os.path.join(args.root, sub)} not found (expected ILSVRC2012 train/ and val/<wnid>/)")
-        ds = ImageFolder(os.path.join(args.root, sub))
+        folder = os.path.join(args.root, sub)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} not found (expected ILSVRC2012 train/ and val/<wnid>/)")
+        ds = ImageFolder(folder)
         if classes is not None and ds.classes != classes:
             raise UserError(f"{args.root}/val has other class folders than {args.root}/train")
         classes = ds.classes
-        rows += [(os.path.relpath(f, args.root), os.path.relpath(f, args.root), "", split, classes[y]) for f, y in ds.samples]
+        for f, y in ds.samples:
+            rows.append((os.path.relpath(f, args.root), os.path.relpath(f, args.root), "", split, classes[y]))
     return listed(rows, args.root, classes)
 
 
@@ -633,23 +611,21 @@ def parse_csv(args):
     coded = {c: cells[c].isin({"", "0", "1", "-1", "0.0", "1.0", "-1.0"}) for c in label_cols}
     # A column is 0/1-coded when nearly all its cells are, or when all are numbers; a stray value
     # there is an error, not a reason to read the file as class names.
-    binary = [c for c in label_cols
-              if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
+    binary = [c for c in label_cols if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
     if len(label_cols) == 1 and not binary:
-        names = cells[label_cols[0]]
-        if (names == "").any():
-            raise UserError(f"{file} line {first_true(names == '') + 2} column {label_cols[0]!r}: empty class name")
-        t["label"], labels = names, None
+        t["label"], labels = cells[label_cols[0]], None
+        if (t["label"] == "").any():
+            raise UserError(f"{file} line {first_true(t['label'] == '') + 2} column {label_cols[0]!r}: "
+                            "empty class name")
     else:
         for c in label_cols:
             if not coded[c].all():
                 pos = first_true(~coded[c])
-                raise UserError(f"{file} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not 1, 0, -1 or "
-                                "empty (label columns hold 1/0/empty, or are one column of class names, which "
-                                "are not numbers)")
+                raise UserError(f"{file} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not 1, 0, -1 or empty "
+                                "(label columns hold 1/0/empty, or are one column of class names, which are not "
+                                "numbers)")
         v = pd.DataFrame({c: pd.to_numeric(cells[c], errors="coerce") for c in label_cols})
-        t[label_cols] = v.mask(v == -1, UNCERTAIN[args.uncertain])
-        labels = label_cols
+        t[label_cols], labels = v.mask(v == -1, UNCERTAIN[args.uncertain]), label_cols
     split = t["split"].replace({"val": "valid", "validate": "valid"}) if "split" in t else pd.Series([""] * len(t))
     check_split_names(split, set(SPLITS) | {""}, file)
     table = pd.DataFrame({"path": t["path"], "patient": t["patient"] if "patient" in t else t["path"],
@@ -661,10 +637,10 @@ TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flow
 
 
 def download(args):
-    """torchvision fetches the files into --root; the parsers below then read them as downloaded."""
-    import torchvision.datasets as tvd
+    """torchvision fetches the files into --root; the parsers below read them as downloaded."""
+    import torchvision.datasets
     made = not os.path.exists(args.root)
-    cls = getattr(tvd, TORCHVISION[args.dataset])
+    cls = getattr(torchvision.datasets, TORCHVISION[args.dataset])
     try:
         if args.dataset.startswith("cifar"):
             cls(args.root, train=True, download=True)
@@ -686,9 +662,9 @@ def downloaded_folder(args, name, what):
 
 
 def parse_cifar(args):
-    """CIFAR-10/100 as torchvision downloads them (python pickles of uint8 rows): the images are
-    read here in memory, no file per image."""
-    name, files, key, meta = {
+    """CIFAR-10/100 as torchvision downloads them (python pickles of uint8 rows), read into
+    memory: no file per image."""
+    name, files, key, (meta_file, names_key) = {
         "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels",
                     ("batches.meta", "label_names")),
         "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", ("meta", "fine_label_names"))}[args.dataset]
@@ -697,14 +673,15 @@ def parse_cifar(args):
     def load(f):
         with open(require_file(os.path.join(folder, f)), "rb") as fh:
             return pickle.load(fh, encoding="latin1")
-    classes = load(meta[0])[meta[1]]
+    classes = load(meta_file)[names_key]
     images, rows = [], []
     for f in files:
         batch = load(f)
         split = "test" if f.startswith("test") else "train"
         images.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         start = sum(r[3] == split for r in rows)
-        rows += [(f"{split}/{start + i}", f"{split}/{start + i}", "", split, classes[y]) for i, y in enumerate(batch[key])]
+        rows += [(f"{split}/{start + i}", f"{split}/{start + i}", "", split, classes[y])
+                 for i, y in enumerate(batch[key])]
     return listed(rows, args.root, classes, np.concatenate(images))
 
 
@@ -723,7 +700,8 @@ def parse_flowers102(args):
 
 def parse_pets(args):
     """Oxford-IIIT Pets as torchvision downloads it: oxford-iiit-pet/images/*.jpg and
-    annotations/{trainval,test}.txt (`name class_id species breed_id`); class names as torchvision's."""
+    annotations/{trainval,test}.txt (`name class_id species breed_id`); class names as torchvision's,
+    read off the image names."""
     folder = downloaded_folder(args, "oxford-iiit-pet", "images/ and annotations/")
     rows, names = [], {}
     for split, file in (("train", "trainval.txt"), ("test", "test.txt")):
@@ -732,7 +710,6 @@ def parse_pets(args):
                 image, class_id = line.split()[:2]
                 names[int(class_id)] = " ".join(w.title() for w in image.rsplit("_", 1)[0].split("_"))
                 rows.append((f"oxford-iiit-pet/images/{image}.jpg", image, "", split, int(class_id)))
-    # a class's name is read off its images' names, so the rows get it once all are read
     rows = [(path, patient, view, split, names[class_id]) for path, patient, view, split, class_id in rows]
     return listed(rows, args.root, [names[k] for k in sorted(names)])
 
@@ -785,7 +762,7 @@ PAPER_SEED = 42          # the seed of the paper's random splits (PadChest, Tube
 
 
 def patient_split(patients, name, fraction, seed):
-    """Seeded: a `fraction` of the patients, with all their rows, go to split `name`, the rest
+    """Seeded: a fraction of the patients, with all their rows, go to split `name`, the others
     to "train", so that no patient is on both sides."""
     unique = np.array(sorted(set(patients)))
     chosen = unique[np.random.default_rng(seed).permutation(len(unique))[:int(round(fraction * len(unique)))]]
@@ -794,8 +771,8 @@ def patient_split(patients, name, fraction, seed):
 
 
 def image_split(n, test_fraction, seed=PAPER_SEED):
-    """The paper's random split over images (its padchest.py and tuberculosis.py): shuffle the
-    row indices with np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
+    """The paper's random split over images (its padchest.py and tuberculosis.py): the row
+    indices shuffled by np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
     order = np.arange(n)
     np.random.RandomState(seed).shuffle(order)
     split = np.full(n, "test", dtype=object)
@@ -804,9 +781,9 @@ def image_split(n, test_fraction, seed=PAPER_SEED):
 
 
 def assign_splits(t, spec, args, test_fraction, valid_fraction):
-    """The split column: the dataset's own where it says ("" = to assign); the rest held out as
-    test, over images per group where the paper did so (--split-by paper), else by patient;
-    the paper's renames of official splits; then a validation carve-out from train by patient."""
+    """The dataset's own split where it says one; the rest held out as test, over images per
+    group where the paper did so (--split-by paper), else by patient; the paper's renames of
+    official splits; then the validation carve-out from train, by patient."""
     todo = (t["split"] == "").to_numpy()
     split = t["split"].to_numpy().copy()
     if todo.any() and args.split_by == "paper" and spec.image_split:
@@ -817,8 +794,7 @@ def assign_splits(t, spec, args, test_fraction, valid_fraction):
     elif todo.any():
         split[todo] = patient_split(t["patient"][todo].to_numpy(), "test", test_fraction, args.seed)
     if args.split_by == "paper":
-        split = np.array([s if assigned else spec.paper_renames.get(s, s) for s, assigned in zip(split, todo)],
-                         dtype=object)
+        split = np.array([s if new else spec.paper_renames.get(s, s) for s, new in zip(split, todo)], dtype=object)
     if valid_fraction:
         train = split == "train"
         split[train] = patient_split(t["patient"][train].to_numpy(), "valid", valid_fraction, args.seed)
@@ -842,10 +818,9 @@ def drop_listed_twice(table, dropped):
 
 
 def finish(raw, spec, args):
-    """Every parser's table -> the prepared table: views harmonised and filtered, splits assigned
-    (--split-by), rows marked for dropping removed, classes one-hot, `file` joined to the base
-    folder, and what was dropped reported. Returns (table, labels, dropped); the table's index
-    is the row of `raw.table` (CIFAR's in-memory images follow it)."""
+    """A parser's Raw -> (table, labels, dropped): views harmonised and filtered, splits assigned,
+    rows marked for dropping removed, classes one-hot, `file` joined to the base folder. The
+    table's index is the row of `raw.table` (CIFAR's in-memory images follow it)."""
     dropped = dict(raw.dropped)
     t = drop_listed_twice(raw.table.copy(), dropped)
     if spec.views:
@@ -895,37 +870,34 @@ def to_uint8(values, lo, hi):
 
 
 def decode_dicom(path, channels):
-    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)): modality LUT, BitsStored range, MONOCHROME1
-    inverted, windowing not applied (see the module docstring)."""
+    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)), by the module docstring's rules."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
+    except pydicom.errors.InvalidDicomError as e:
         raise ValueError(f"not a DICOM file ({e})")
     if "PixelData" not in ds:
         raise ValueError("DICOM file without pixel data")
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
-    pixels_claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
+    claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
         int(ds.get("SamplesPerPixel", 1))
-    # Pillow's decompression-bomb budget: a small compressed file must not expand to gigabytes.
-    if Image.MAX_IMAGE_PIXELS and pixels_claimed > 2 * Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"DICOM of {pixels_claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
+    if Image.MAX_IMAGE_PIXELS and claimed > 2 * Image.MAX_IMAGE_PIXELS:   # a small file must not expand to GBs
+        raise ValueError(f"DICOM of {claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
                          "(Pillow's MAX_IMAGE_PIXELS x 2; possible decompression bomb)")
     try:
         pixels = ds.pixel_array
     except Exception as e:
         plugin = DICOM_PLUGINS.get(str(syntax), "pylibjpeg-libjpeg or python-gdcm")
         if "Pillow does not support" in str(e) or str(syntax) in DICOM_PLUGINS or "missing dependencies" in str(e):
-            raise ValueError(f"DICOM compression {getattr(syntax, 'name', syntax)} ({syntax}) needs a decoder "
-                             f"plugin: pip install pylibjpeg {plugin}")
+            raise ValueError(f"DICOM compression {getattr(syntax, 'name', syntax)} ({syntax}) needs a decoder plugin: "
+                             f"pip install pylibjpeg {plugin}")
         raise ValueError(f"DICOM pixel data unreadable ({str(e).splitlines()[0]})")
     color = int(ds.get("SamplesPerPixel", 1)) == 3
     if pixels.ndim == (4 if color else 3):      # multi-frame: the first frame
         pixels = pixels[0]
     if color:
-        img = Image.fromarray(to_uint8(pixels, 0, 255)).convert("L" if channels == 1 else "RGB")
-        return np.asarray(img), pixels.shape[:2]
+        return np.asarray(Image.fromarray(to_uint8(pixels, 0, 255)).convert("L" if channels == 1 else "RGB")), \
+            pixels.shape[:2]
     bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
@@ -972,9 +944,7 @@ def reject_reason(e):
     if isinstance(e, UnidentifiedImageError):
         return "not an image"
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "truncated" in text.lower() or isinstance(e, EOFError):
-        return f"truncated image ({text})"
-    return text
+    return f"truncated image ({text})" if "truncated" in text.lower() or isinstance(e, EOFError) else text
 
 
 # ----------------------------------------------------------------------------------------
@@ -992,19 +962,18 @@ def _init_pool_worker(*args):
     _init_worker(*args)
 
 
-def _convert(task):
-    """Decode one file straight into the shared memory map; return (row, original size, reason)."""
-    i, file, bits = task
-    try:
-        pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits)
-    except Exception as e:  # every failure of one file is a reject, never a crash of the run
-        return i, None, reject_reason(e)
-    _worker["images"][i] = pixels
-    return i, orig, None
-
-
-def _convert_chunk(tasks):
-    return [_convert(t) for t in tasks]
+def _convert(tasks):
+    """Decode files straight into the shared memory map: [(row, original size, reject reason)]."""
+    results = []
+    for i, file, bits in tasks:
+        try:
+            pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits)
+        except Exception as e:  # a file that fails is a reject, never a crash of the run
+            results.append((i, None, reject_reason(e)))
+        else:
+            _worker["images"][i] = pixels
+            results.append((i, orig, None))
+    return results
 
 
 def file_stamp(path):
@@ -1071,7 +1040,7 @@ class WorkState:
 
 def pool_results(todo, workers, init_args):
     """Results of _convert over `todo` from `workers` processes, as they come, with a bounded
-    number of chunks in flight. A worker that dies (killed, out of memory) ends the run with a
+    number of chunks of 4 in flight. A worker that dies (killed, out of memory) ends the run with a
     one-line error instead of a hang; what came back before is kept by the caller."""
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
@@ -1081,7 +1050,7 @@ def pool_results(todo, workers, init_args):
     try:
         while True:
             while len(pending) < 4 * workers and (chunk := next(chunks, None)) is not None:
-                pending.add(pool.submit(_convert_chunk, chunk))
+                pending.add(pool.submit(_convert, chunk))
             if not pending:
                 return
             finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -1109,7 +1078,7 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
         results = pool_results(todo, workers, (state.images_path, size, channels))
     else:
         _init_worker(state.images_path, size, channels)
-        results = map(_convert, todo)
+        results = (result for task in todo for result in _convert([task]))
     n, t0, last_save, new = len(files), time.time(), time.time(), 0
     bar = models.progress(n, int(state.done.sum()))
     try:
@@ -1270,19 +1239,21 @@ def draw_finding(img, finding, rng, x, y, lungs):
     side = 1 if cx >= 0.5 else -1
     inside = ellipse(x, y, cx, cy, rx, ry) < 1
     if finding == "Effusion":         # bright meniscus at a lung base, rising laterally
-        return np.where(inside & (y > cy + 0.55 * ry - 0.8 * ry * np.clip((x - cx) * side / rx, 0, 1) ** 2), 0.7, img)
-    if finding == "Pneumothorax":     # dark rim without texture, with a visible pleural line
+        img = np.where(inside & (y > cy + 0.55 * ry - 0.8 * ry * np.clip((x - cx) * side / rx, 0, 1) ** 2), 0.7, img)
+    elif finding == "Pneumothorax":   # dark rim without texture, with a visible pleural line
         r = ellipse(x, y, cx, cy - 0.05, rx * 0.7, ry * 0.8)
         img = np.where(inside & (r >= 1) & (y < cy + 0.1), 0.02, img)
-        return np.where(inside & (np.abs(r - 1) < 0.08) & (y < cy + 0.1), 0.45, img)
-    if finding == "Consolidation":    # one large dense homogeneous blob
-        return img + 0.5 * inside * (blob(x, y, cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(0, 0.15), 0.08) > 0.5)
-    if finding in ("Pneumonia", "Tuberculosis"):
+        img = np.where(inside & (np.abs(r - 1) < 0.08) & (y < cy + 0.1), 0.45, img)
+    elif finding == "Consolidation":  # one large dense homogeneous blob
+        center = (cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(0, 0.15))
+        img = img + 0.5 * inside * (blob(x, y, *center, 0.08) > 0.5)
+    elif finding in ("Pneumonia", "Tuberculosis"):
         # fuzzy patches in the lower zones; Tuberculosis: fainter, in the upper zones, i.e. the
         # sources' Pneumonia pattern moved up, so that features learned there transfer
         level, sign, r = (0.3, 1, 0.04) if finding == "Pneumonia" else (0.22, -1, 0.045)
         for _ in range(4):
-            img = img + level * inside * blob(x, y, cx + rng.uniform(-0.08, 0.08), cy + sign * rng.uniform(0.0, 0.22), r)
+            center = (cx + rng.uniform(-0.08, 0.08), cy + sign * rng.uniform(0.0, 0.22))
+            img = img + level * inside * blob(x, y, *center, r)
     elif finding == "Edema":          # bilateral perihilar streaks
         for lcx, lcy, lrx, lry in lungs:
             in_this_lung = ellipse(x, y, lcx, lcy, lrx, lry) < 1
@@ -1292,7 +1263,8 @@ def draw_finding(img, finding, rng, x, y, lungs):
         img = img + 0.4 * inside * (np.abs(y - cy - rng.uniform(0.05, 0.15)) < 0.02)
     elif finding == "Lung Lesion":    # small dense nodules
         for _ in range(3):
-            img = img + 0.45 * inside * (ellipse(x, y, cx + rng.uniform(-0.07, 0.07), cy + rng.uniform(-0.2, 0.2), 0.02, 0.02) < 1)
+            nodule = (cx + rng.uniform(-0.07, 0.07), cy + rng.uniform(-0.2, 0.2), 0.02, 0.02)
+            img = img + 0.45 * inside * (ellipse(x, y, *nodule) < 1)
     elif finding == "Pleural Other":  # bright rim along the lung edge
         r = ellipse(x, y, cx, cy, rx, ry)
         img = img + 0.35 * ((r > 0.55) & (r < 1.0) & ((x - cx) * side > 0))
@@ -1343,13 +1315,15 @@ def write_chexpert_raw(root, n, seed, image_size, p):
         split = "valid" if rng.random() < 0.1 else "train"
         for study in range(1, int(rng.integers(1, 3)) + 1):
             findings = [f for f in DEMO_CHEXPERT_FINDINGS if rng.random() < p]
-            views = [("view1_frontal.jpg", "Frontal")] + ([("view2_lateral.jpg", "Lateral")] if rng.random() < 0.2 else [])
+            views = [("view1_frontal.jpg", "Frontal")]
+            views += [("view2_lateral.jpg", "Lateral")] if rng.random() < 0.2 else []
             for name, frontal_lateral in views[:n - count]:
                 rel = f"CheXpert-v1.0-small/{split}/patient{patient:05d}/study{study}/{name}"
                 save_chest(os.path.join(root, rel), rng, findings, image_size, lateral=frontal_lateral == "Lateral")
                 ap_pa = ("PA" if rng.random() < 0.3 else "AP") if frontal_lateral == "Frontal" else ""
-                lines[split].append(",".join([rel, "Female" if rng.random() < 0.5 else "Male", str(int(rng.integers(20, 90))),
-                                              frontal_lateral, ap_pa] + chexpert_report(rng, findings, split == "valid")))
+                sex, age = "Female" if rng.random() < 0.5 else "Male", str(int(rng.integers(20, 90)))
+                row = [rel, sex, age, frontal_lateral, ap_pa] + chexpert_report(rng, findings, split == "valid")
+                lines[split].append(",".join(row))
                 count += 1
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"] + CHEXPERT_LABELS
     for split, rows in lines.items():
@@ -1376,7 +1350,7 @@ def write_mimic_raw(root, n, seed, image_size, p):
                 dicom = f"{rng.integers(16 ** 8):08x}-{rng.integers(16 ** 8):08x}"
                 path = os.path.join(root, "files", f"p{str(subject)[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg")
                 save_chest(path, rng, findings, image_size, lateral=view == "LATERAL")
-                meta.append([dicom, str(subject), str(study), "CHEST (PA AND LAT)", view, str(image_size), str(image_size)])
+                meta.append([dicom, str(subject), str(study), "CHEST (PA AND LAT)", view] + [str(image_size)] * 2)
                 split_rows.append([dicom, str(study), str(subject), split])
     for name, header, rows in (
             ("chexpert", ["subject_id", "study_id", "No Finding"] + CHEXPERT_LABELS, reports),
@@ -1423,8 +1397,8 @@ def get_args_parser():
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
     p.add_argument("--size", type=models.at_least(1), default=None,
-                   help="side of the stored square images (default: 512, the BiT-HyperRule's resize before its "
-                        "480 crop; CIFAR its native 32, resized on the device; ImageNet 256)")
+                   help="side of the stored square images (default: 512, the BiT-HyperRule's resize before its 480 "
+                        "crop; CIFAR its native 32, resized on the device; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="stored channels (default: 1 for X-rays and csv, 3 for natural images and imagefolder)")
     p.add_argument("--views", nargs="+", default=PRETRAIN_VIEWS,
@@ -1444,8 +1418,7 @@ def get_args_parser():
                    help="fraction held out as 'test' where there is no official test split (default: PadChest 0.1, "
                         "Tuberculosis 0.15 per folder, imagefolder/csv 0.15)")
     p.add_argument("--seed", type=models.at_least(0), default=0,
-                   help="seed of the patient-level splits and of the demo data (the paper's random splits use its "
-                        "seed 42)")
+                   help="seed of the patient-level splits and of the demo data (the paper's random splits: 42)")
     p.add_argument("--uncertain", choices=list(UNCERTAIN), default="ignore",
                    help="CheXpert/MIMIC/csv uncertain (-1) labels: ignore = unknown (masked), or map to 1 / 0")
     p.add_argument("--blank", choices=["ignore", "zeros"], default="ignore",
@@ -1453,21 +1426,20 @@ def get_args_parser():
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
-                   help="merge: keep the sorted intersection of the inputs' labels (the paper's rule), or the union "
+                   help="merge: the sorted intersection of the inputs' labels (the paper's rule), or the union "
                         "(unknown where a source lacks a label)")
     p.add_argument("--workers", type=models.at_least(1), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (1 = in this process)")
     p.add_argument("--max-rejects", type=float, default=0.01,
-                   help="fail (exit 2, dataset left incomplete and resumable) when more than this fraction of "
-                        "images is rejected")
+                   help="fail (exit 2, dataset left incomplete and resumable) above this fraction of rejected images")
     p.add_argument("--strict", action="store_true", help="fail on any rejected image")
     p.add_argument("--dry-run", action="store_true",
                    help="read metadata only: write labels.csv and label_stats.csv (into OUT/.dry-run when OUT holds "
                         "a prepared dataset, which stays untouched), print the counts, convert nothing")
-    p.add_argument("--download", action="store_true", help="cifar10/cifar100/flowers102/pets: download into --root if absent")
-    p.add_argument("--overwrite", action="store_true",
-                   help="rebuild an already prepared --out: the new dataset is built in OUT/.rebuild and replaces "
-                        "the old one only once it is complete")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10/cifar100/flowers102/pets: download into --root if absent")
+    p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared --out: the new dataset is "
+                   "built in OUT/.rebuild and replaces the old one only once it is complete")
     return p
 
 
