@@ -307,6 +307,27 @@ def padchest_labels(label_lists):
 
 
 # ----------------------------------------------------------------------------------------
+# Parsers: raw layout -> Raw, one row per image. finish() does the rest for every dataset.
+
+class Raw(NamedTuple):
+    """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
+    (raw value), split ("train" / "valid" / "test" where the dataset says, "" = to assign),
+    optional group (rows split separately per group, e.g. per folder), optional bits (PadChest
+    BitsStored), optional drop (a reason: the row counts for the split, then is dropped), and
+    either the label columns (multilabel) or one `label` column of class names (multiclass).
+    labels: the label columns, or the classes in order (None: sorted)."""
+    table: pd.DataFrame
+    labels: list = None
+    base: str = ""
+    dropped: dict = {}
+    images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
+
+
+def listed(rows, base, classes=None, images=None):
+    """Raw of a multiclass dataset from (path, patient, view, split, class name) rows."""
+    return Raw(pd.DataFrame(rows, columns=META_COLUMNS + ["label"]), classes, base, images=images)
+
+
 # Reading raw files: a bad file, table or cell is a one-line error naming it
 
 def require_file(path):
@@ -387,28 +408,6 @@ def list_files(root, keep):
     return sorted(out)
 
 
-# ----------------------------------------------------------------------------------------
-# Parsers: raw layout -> Raw, one row per image. finish() does the rest for every dataset.
-
-class Raw(NamedTuple):
-    """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
-    (raw value), split ("train" / "valid" / "test" where the dataset says, "" = to assign),
-    optional group (rows split separately per group, e.g. per folder), optional bits (PadChest
-    BitsStored), optional drop (a reason: the row counts for the split, then is dropped), and
-    either the label columns (multilabel) or one `label` column of class names (multiclass).
-    labels: the label columns, or the classes in order (None: sorted)."""
-    table: pd.DataFrame
-    labels: list = None
-    base: str = ""
-    dropped: dict = {}
-    images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
-
-
-def listed(rows, base, classes=None, images=None):
-    """Raw of a multiclass dataset from (path, patient, view, split, class name) rows."""
-    return Raw(pd.DataFrame(rows, columns=META_COLUMNS + ["label"]), classes, base, images=images)
-
-
 def parse_chexpert(args):
     """CheXpert v1.0 or v1.0-small: --root is the dataset folder (holding train.csv) or the folder
     holding it; the CSVs' paths start with the dataset folder's name."""
@@ -427,7 +426,7 @@ def parse_chexpert(args):
         tables.append(chexpert_labels(t, name, args.uncertain, args.blank).assign(
             path=t["Path"], patient=t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
             view=t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]), split=split))
-    labels = sorted(LABEL_RENAMES.get(l, l) for l in CHEXPERT_LABELS)
+    labels = sorted(LABEL_RENAMES.get(name, name) for name in CHEXPERT_LABELS)
     table = pd.concat(tables, ignore_index=True)[META_COLUMNS + labels]
     return Raw(table, labels, os.path.dirname(os.path.abspath(root)))
 
@@ -516,8 +515,8 @@ def parse_padchest(args):
     table = pd.DataFrame({
         "path": t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"],
         "patient": t["PatientID"], "view": t["Projection"].fillna(""), "split": "", "bits": bits.fillna(16).astype(int),
-        "drop": ["Labels not a list literal" if l is None else "empty label list" if not l else "" for l in lists]})
-    labels = padchest_labels([l or [] for l in lists])
+        "drop": ["Labels not a list literal" if ls is None else "empty label list" if not ls else "" for ls in lists]})
+    labels = padchest_labels([ls or [] for ls in lists])
     return Raw(pd.concat([table, labels], axis=1), list(labels.columns), args.root, dropped)
 
 
@@ -557,18 +556,20 @@ def parse_tuberculosis(args):
     return Raw(table, classes, args.root)
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+
+
 def parse_imagefolder(args):
     """root/CLASS/*.ext, or root/{train,valid|val,test}/CLASS/*.ext with those splits kept;
     without split folders, a seeded split (every image its own "patient")."""
     split_dirs = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
     tops = [d for d in sorted(os.listdir(require_file(args.root))) if os.path.isdir(os.path.join(args.root, d))]
     has_splits = bool(tops) and all(d in split_dirs for d in tops)
-    image = lambda n: n.lower().endswith((".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"))
     rows = []
     for top in (tops if has_splits else [""]):
         folder = os.path.join(args.root, top)
         for cls in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
-            for f in list_files(os.path.join(folder, cls), image):
+            for f in list_files(os.path.join(folder, cls), lambda n: n.lower().endswith(IMAGE_EXTENSIONS)):
                 path = os.path.relpath(f, args.root)
                 rows.append((path, path, "", split_dirs.get(top, ""), cls))
     if not rows:
