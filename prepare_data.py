@@ -1,4 +1,4 @@
-"""Turn raw dataset downloads into prepared datasets that training reads without decoding.
+"""Raw dataset downloads -> prepared datasets that training reads without decoding.
 
     python prepare_data.py --dataset nih --root /data/NIH-ChestXRay-14 --out data/nih
     python prepare_data.py --dataset chexpert --root /data/CheXpert-v1.0-small --out data/chexpert --workers 16
@@ -6,46 +6,25 @@
     python prepare_data.py --dataset imagenet --root /data/ILSVRC2012 --out data/imagenet   # train/, val/<wnid>/
     python prepare_data.py --dataset demo --out raw_demo        # synthetic raw folders in the real layouts
 
-Each dataset's facts (reader, task, channels, split, views) are one row of DATASETS. Splits are
-the paper's by default (--split-by paper: PadChest random 90/10 and Tuberculosis 85/15 per folder
-over images with seed 42, Flowers-102 trained on its official test set, no validation carve-out
-from a target); --split-by patient is the stricter variant for new studies (no patient's images
-on both sides of a split). X-ray datasets keep the paper's five views (PA, AP, AP Supine, L,
-COSTAL; names harmonised in VIEW_NAMES); each recipe picks its views at training time.
-`--dataset merge` keeps the sorted intersection of the inputs' labels (the paper's rule) and
-prints what it kept and dropped; `--labels union` keeps all.
-
-Conversion is a one-process job (no torchrun); --workers sets the decoding processes. The
-prepared folder is then read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs.
-
-A prepared dataset is a folder:
+A prepared dataset is a folder, read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs:
     images.npy       uint8 array (N, S, S, C), C = 1 (X-rays) or 3 (natural images), memory-mapped
     labels.csv       row i describes images[i]: path, patient, view, split (train/valid/test), then one
                      column per label holding 1, 0 or empty (unknown; masked in the loss)
-    meta.json        {"name", "size", "channels", "labels", "task": "multilabel" | "multiclass",
-                      "orig_size": [H, W] median original size (BiT-HyperRule), "counts": {...},
-                      "pipeline": "bit" | "chest" (transfer.py's input pipeline; PadChest: chest),
-                      "split_by": "paper" | "patient"}
+    meta.json        name, size, channels, labels, task (multilabel | multiclass), orig_size (median
+                     original [H, W], for the BiT-HyperRule), counts, pipeline (transfer.py's input
+                     pipeline: bit | chest), split_by; written last: a folder without it is not a dataset
     rejects.csv      files that could not be prepared, with the reason
     label_stats.csv  positive / negative / masked counts per label and split
-meta.json is written last: a folder without it is not a dataset. Work in progress lives in
-OUT/.work (images, done-mask, rejects) so an interrupted run continues where it stopped.
+Conversion is resumable: the work in progress lives in OUT/.work.
 
-Images. Every format goes through the same two steps:
- 1. Intensity -> uint8 by one linear map of the format's nominal value range onto [0, 255]:
-    8-bit PNG/JPEG [0, 255] (unchanged); 16-bit PNG [0, 2^bits - 1] with bits = the dataset's
-    BitsStored when known (PadChest) else 16; DICOM: stored values pass the modality LUT
-    (RescaleSlope/Intercept) and the range is that of BitsStored (and PixelRepresentation)
-    after the same rescale. MONOCHROME1 is inverted (255 - v). DICOM windowing (WindowCenter /
-    WidthWidth) is NOT applied: windows are display presets that differ between vendors and
-    would clip information; the full stored range is kept, as the PNG/JPEG exports of the
-    public datasets do. Colour images become grayscale for X-ray datasets (ITU-R 601 luma,
-    Pillow's "L") and RGB for natural ones (alpha dropped, palettes expanded).
- 2. Geometry: center crop to a square of the shorter side, then resize to --size with Pillow's
-    bilinear filter, whose support widens with the downscale factor (antialiased). JPEGs are
-    DCT-downscaled first when they are at least twice the target (Pillow's draft mode).
---size defaults to 512 (BiT-HyperRule resizes to 512 and crops 480 for images larger than
-96x96); CIFAR is kept at its native 32 px (HyperRule: 160/128, done on the device).
+Images, every format alike: (1) one linear map of the format's nominal value range onto uint8
+[0, 255]: 8-bit PNG/JPEG as they are; 16-bit PNG [0, 2^bits - 1], bits = the dataset's
+BitsStored (PadChest) else 16; DICOM the range of BitsStored (and PixelRepresentation) after
+the modality LUT (RescaleSlope/Intercept), MONOCHROME1 inverted. DICOM windows are not applied:
+they are vendors' display presets that would clip, and the public datasets' PNG/JPEG exports
+keep the full range too. Colour becomes grayscale (ITU-R 601 luma) for X-rays, RGB for natural
+images. (2) A center crop to the square of the shorter side, resized to --size by Pillow's
+bilinear filter, antialiased (JPEGs at least twice the target are DCT-downscaled first).
 """
 import ast
 import concurrent.futures
@@ -57,8 +36,8 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
-import sys
 import time
 import zlib
 from typing import NamedTuple
@@ -69,7 +48,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import models
-from models import UserError
+from models import UserError, print0
 
 META_COLUMNS = ["path", "patient", "view", "split"]
 SPLITS = ["train", "valid", "test"]
@@ -82,16 +61,9 @@ PREPARED_FILES = ["images.npy", "labels.csv", "rejects.csv", "label_stats.csv", 
 META_KEYS = {"name": str, "size": int, "channels": int, "labels": list, "task": str}
 
 
-def write_meta(out, meta):
-    """meta.json marks a folder complete, so it is written last (models.atomic_write)."""
-    with models.atomic_write(os.path.join(out, "meta.json")) as f:
-        json.dump(meta, f, indent=1)
-
-
 def save_prepared(out, images, table, labels, task, name="", extra_meta=None):
-    """Write an in-memory dataset (uint8 images (N, S, S, C) and a table with META_COLUMNS +
-    labels) as a prepared folder. Each file is written whole (models.atomic_write) and
-    meta.json, which marks the folder complete, comes last."""
+    """An in-memory dataset (uint8 images (N, S, S[, C]), a table of META_COLUMNS + labels) as a
+    prepared folder."""
     images = np.asarray(images, np.uint8)
     if images.ndim == 3:
         images = images[..., None]
@@ -99,9 +71,31 @@ def save_prepared(out, images, table, labels, task, name="", extra_meta=None):
     os.makedirs(out, exist_ok=True)
     with models.atomic_write(os.path.join(out, "images.npy"), "wb") as f:
         np.save(f, images)
-    write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
+    write_labels_csv(out, table, labels)
     write_meta(out, {"name": name, "size": int(images.shape[1]), "channels": int(images.shape[3]),
                      "labels": list(labels), "task": task, **(extra_meta or {})})
+
+
+def write_images(path, shape, parts):
+    """images.npy from the rows of (array, rows) parts, 512 at a time: a dataset larger than
+    memory is copied in bounded memory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, shape)
+    start = 0
+    for src, rows in parts:
+        for k in range(0, len(rows), 512):
+            chunk = src[rows[k:k + 512]]
+            dst[start:start + len(chunk)] = chunk
+            start += len(chunk)
+    dst.flush()
+    del dst
+    models.replace_file(tmp, path)
+
+
+def write_meta(out, meta):
+    """Every writer calls this last: meta.json marks a folder complete."""
+    with models.atomic_write(os.path.join(out, "meta.json")) as f:
+        json.dump(meta, f, indent=1)
 
 
 def write_csv(path, table):
@@ -109,12 +103,32 @@ def write_csv(path, table):
         table.to_csv(f, index=False)
 
 
-def write_labels_csv(path, table, labels):
-    """labels.csv with label cells written as 1, 0 or empty (unknown)."""
-    out = table[META_COLUMNS].copy()
+def write_labels_csv(out, table, labels):
+    out_table = table[META_COLUMNS].copy()
+    for label in labels:   # 1, 0 or empty
+        out_table[label] = table[label].astype("Float64").round().astype("Int64")
+    write_csv(os.path.join(out, "labels.csv"), out_table)
+
+
+def counts(table):
+    return {"split": {k: int(v) for k, v in table["split"].value_counts().sort_index().items()},
+            "view": {(k or "(none)"): int(v) for k, v in table["view"].value_counts().sort_index().items()}}
+
+
+def report(table, labels, out):
+    """Print the images per split and view and the label counts; write label_stats.csv."""
+    c = counts(table)
+    print0("images: " + "  ".join(f"{k} {v}" for k, v in c["split"].items()) + f"  total {len(table)}")
+    print0("views: " + "  ".join(f"{k} {v}" for k, v in c["view"].items()))
+    rows = []
     for label in labels:
-        out[label] = table[label].astype("Float64").round().astype("Int64")
-    write_csv(path, out)
+        v = pd.to_numeric(table[label], errors="coerce")
+        for split in [s for s in SPLITS if (table["split"] == s).any()] + ["all"]:
+            x = v if split == "all" else v[table["split"] == split]
+            rows.append((label, split, int((x == 1).sum()), int((x == 0).sum()), int(x.isna().sum())))
+            print0("label {!r} split {}: positive {} negative {} masked {}".format(*rows[-1]))
+    write_csv(os.path.join(out, "label_stats.csv"),
+              pd.DataFrame(rows, columns=["label", "split", "positive", "negative", "masked"]))
 
 
 def read_meta(folder):
@@ -122,8 +136,7 @@ def read_meta(folder):
     a one-line error."""
     path = os.path.join(folder, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); "
-                                "run prepare_data.py first")
+        raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); run prepare_data.py first")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -140,32 +153,29 @@ def read_meta(folder):
 
 
 def read_labels_csv(folder, labels, multiclass=False):
-    """labels.csv of a prepared folder; its label cells must be 1, 0 or empty (and one 1 per
-    row for a multiclass task), else a one-line error naming the line and column."""
+    """labels.csv of a prepared folder: label cells other than 1, 0 or empty (and a multiclass
+    row without exactly one 1) are a one-line error naming line and column."""
     path = os.path.join(folder, "labels.csv")
     t = read_table(path, dtype=str, keep_default_na=False)
     require_columns(t, META_COLUMNS + list(labels), path)
     for label in labels:
-        values = check_codes(t[label], {0.0, 1.0}, path, label)
-        if multiclass and values.isna().any():
-            raise UserError(f"{path} line {int(np.flatnonzero(values.isna().to_numpy())[0]) + 2} column "
-                            f"{label!r}: empty in a multiclass dataset")
-        t[label] = values.astype(np.float64)
-    if multiclass and len(t) and not (t[list(labels)].sum(axis=1) == 1).all():
-        line = int(np.flatnonzero((t[list(labels)].sum(axis=1) != 1).to_numpy())[0]) + 2
-        raise UserError(f"{path} line {line}: a multiclass row needs exactly one 1")
+        t[label] = check_codes(t[label], {0.0, 1.0}, path, label).astype(np.float64)
+        if multiclass and t[label].isna().any():
+            raise UserError(f"{path} line {first_true(t[label].isna()) + 2} column {label!r}: "
+                            "empty in a multiclass dataset")
+    ones = t[list(labels)].sum(axis=1)
+    if multiclass and (ones != 1).any():
+        raise UserError(f"{path} line {first_true(ones != 1) + 2}: a multiclass row needs exactly one 1")
     return t
 
 
 def open_images(folder, meta, rows):
-    """images.npy of a prepared folder, memory-mapped, checked against meta.json (side,
-    channels) and labels.csv (rows): a truncated or mismatched file is a one-line error."""
-    path = os.path.join(folder, "images.npy")
+    """images.npy of a prepared folder, memory-mapped; one that is truncated or disagrees with
+    meta.json (side, channels) or labels.csv (rows) is a one-line error."""
+    path = require_file(os.path.join(folder, "images.npy"))
     try:
-        images = np.load(require_file(path), mmap_mode="r")
+        images = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise UserError(f"{path}: truncated or not a .npy file ({str(e).splitlines()[0]})") from None
     want = (rows, meta["size"], meta["size"], meta["channels"])
     if images.dtype != np.uint8 or images.shape != want:
@@ -174,27 +184,29 @@ def open_images(folder, meta, rows):
     return images
 
 
+def validation_split(table):
+    """The split a pre-training run validates on: "valid", or "test" where a folder has no
+    valid rows (the paper validated NIH on its test list and PadChest on its held-out 10 %)."""
+    return "valid" if (table["split"] == "valid").any() else "test"
+
+
 class PreparedDataset(torch.utils.data.Dataset):
-    """Rows of one split (or all rows) of a prepared folder. Indexing returns
-    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__`
-    reads a whole batch with one fancy index into the memory map."""
+    """Rows of one split ("train" / "valid" / "test", None: all) of a prepared folder, of the
+    given views only (None: all; a folder holds every view a recipe may need). Indexing returns
+    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__` reads a
+    whole batch with one fancy index into the memory map."""
 
     def __init__(self, folder, split=None, views=None):
-        """split: "train" / "valid" / "test", or None for all rows. views: keep only rows whose
-        view is one of these (e.g. ["PA", "AP"]), or None for all; a folder is prepared once
-        with every view a recipe may need and each recipe picks its own at training time."""
-        meta = read_meta(folder)
-        self.folder, self.meta = folder, meta
-        self.labels = meta["labels"]
-        self.multilabel = meta["task"] == "multilabel"
+        self.folder, self.meta = folder, read_meta(folder)
+        self.labels = self.meta["labels"]
+        self.multilabel = self.meta["task"] == "multilabel"
         self.table = read_labels_csv(folder, self.labels, multiclass=not self.multilabel)
-        self.images = open_images(folder, meta, len(self.table))
+        self.images = open_images(folder, self.meta, len(self.table))
         keep = np.ones(len(self.table), bool) if split is None else (self.table["split"] == split).to_numpy()
         if views is not None:
             keep = keep & self.table["view"].isin(views).to_numpy()  # pandas may hand back a read-only array
-        rows = np.flatnonzero(keep)
-        self.rows = rows
-        self.targets = self.table[self.labels].to_numpy(np.float32)[rows]
+        self.rows = np.flatnonzero(keep)
+        self.targets = self.table[self.labels].to_numpy(np.float32)[self.rows]
 
     def __len__(self):
         return len(self.rows)
@@ -204,8 +216,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices):
         indices = np.asarray(indices)
-        return (torch.from_numpy(self.images[self.rows[indices]]),
-                torch.from_numpy(self.targets[indices]))
+        return torch.from_numpy(self.images[self.rows[indices]]), torch.from_numpy(self.targets[indices])
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,8 +233,8 @@ PADCHEST_LABELS = NIH_LABELS + ["Fracture", "Granuloma", "Flattened Diaphragm", 
                                 "Aortic Elongation", "Scoliosis", "Hilar Enlargement", "Support Devices",
                                 "Tuberculosis", "Air Trapping", "Costophrenic Angle Blunting",
                                 "Aortic Atheromatosis", "Hemidiaphragm Elevation"]
-# Cross-dataset label names: CheXpert's and MIMIC's "Pleural Effusion" is NIH's and PadChest's
-# "Effusion", so merged sources share it (the 7-label intersection of the paper).
+# CheXpert's and MIMIC's "Pleural Effusion" is NIH's and PadChest's "Effusion", so that merged
+# sources share it (the 7-label intersection of the paper).
 LABEL_RENAMES = {"Pleural Effusion": "Effusion"}
 # A PadChest label is positive when its lower-cased name or a synonym occurs inside one of the
 # image's label strings (so "laminar atelectasis" counts as Atelectasis, as in the paper).
@@ -236,12 +247,12 @@ PADCHEST_SYNONYMS = {
     "Hilar Enlargement": ["adenopathy", "pulmonary artery enlargement"],
     "Support Devices": ["device", "pacemaker"],
 }
-# Each dataset's raw view value -> the harmonised name; values not listed are kept as they are.
-# CheXpert rows carry their AP/PA value when frontal, "Lateral" otherwise. MIMIC's ViewPosition
-# is kept as is, as in the paper's code: LATERAL / LL never match "L", so the paper's five-view
-# recipe took CheXpert and PadChest laterals but no MIMIC lateral. NIH has PA and AP only.
+# Raw view values -> harmonised names (others kept as they are). CheXpert rows carry their AP/PA
+# value when frontal, "Lateral" otherwise. MIMIC's ViewPosition is kept as is, as in the paper's
+# code: LATERAL / LL never match "L", so the paper's five-view recipe took CheXpert and PadChest
+# laterals but no MIMIC lateral. NIH has PA and AP only.
 VIEW_NAMES = {"chexpert": {"Lateral": "L"}, "padchest": {"AP_horizontal": "AP Supine"}}
-# Views kept when preparing an X-ray dataset: the paper's five-view recipe; each recipe picks
+# The views an X-ray dataset keeps by default: the paper's five-view recipe; each recipe picks
 # its own subset at training time (PreparedDataset(..., views=...), pretrain.py --views).
 PRETRAIN_VIEWS = ["PA", "AP", "AP Supine", "L", "COSTAL"]
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
@@ -264,35 +275,21 @@ PADCHEST_PAPER_EXCLUDED = frozenset(f"{name}.png" for name in """
 216840111366964013649110343042013092101343018_02-075-146 216840111366964012819207061112010306085429121_04-020-102
 269300710246070740096540277379121868595_e7zsan 216840111366964012373310883942009180082307973_00-097-011
 """.split())
-PAPER_SEED = 42          # the seed of the paper's random splits (PadChest, Tuberculosis)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 CHEXPERT_CODES = {-1.0, 0.0, 1.0}   # uncertain, negative, positive; blank = not mentioned
-
-
-def check_codes(values, allowed, file, column, first_line=2):
-    """One-line error naming file, line and column for the first value outside `allowed`
-    (blank cells pass). `values` is the raw column as read (strings or numbers)."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    blank = pd.isna(values) | (values.astype(str).str.strip() == "")
-    bad = ~blank & ~numbers.isin(allowed)
-    if bad.any():
-        pos = int(np.flatnonzero(bad.to_numpy())[0])
-        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(str(v) for v in sorted(allowed))
-        raise UserError(f"{file} line {pos + first_line} column {column!r}: {str(values.iloc[pos])!r} is not one of "
-                        f"{allowed_text} or blank")
-    return numbers
+UNCERTAIN = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}   # what --uncertain makes of a -1
+COVIDX_CLASSES = {"positive", "negative", "normal", "pneumonia", "covid-19"}
 
 
 def chexpert_labels(table, file, uncertain="ignore", blank="ignore"):
-    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), sorted, renamed by LABEL_RENAMES.
-    uncertain (-1): ignore (mask) | ones | zeros; blank (not mentioned): ignore | zeros.
-    A row with No Finding = 1 has every pathology 0 (the paper's rule, applied last)."""
+    """CheXpert/MIMIC coding -> 13 float columns (NaN = unknown), renamed by LABEL_RENAMES:
+    uncertain (-1) and blank (not mentioned) as --uncertain and --blank say; a row with
+    No Finding = 1 has every pathology 0 (the paper's rule, applied last)."""
     require_columns(table, CHEXPERT_LABELS + ["No Finding"], file)
     out = pd.DataFrame(index=table.index)
     healthy = check_codes(table["No Finding"], CHEXPERT_CODES, file, "No Finding") == 1
     for name in sorted(CHEXPERT_LABELS):
         raw = check_codes(table[name], CHEXPERT_CODES, file, name).astype(np.float64)
-        v = raw.mask(raw == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain])
+        v = raw.mask(raw == -1, UNCERTAIN[uncertain])
         if blank == "zeros":
             v = v.mask(raw.isna(), 0.0)
         v[healthy] = 0.0
@@ -309,59 +306,34 @@ def padchest_labels(label_lists):
     return pd.DataFrame(out)
 
 
-def parse_padchest_list(cell):
-    """"['pleural effusion', ' unchanged']" -> ['pleural effusion', 'unchanged'] (stripped,
-    empties removed; case kept, as the paper matched case-sensitively); [] when the list holds
-    no label; None when the cell is not a list literal."""
-    try:
-        items = ast.literal_eval(cell.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return None
-    if not isinstance(items, (list, tuple)):
-        return None
-    return [s for s in (str(i).strip() for i in items) if s]
+# ----------------------------------------------------------------------------------------
+# Parsers: raw layout -> Raw, one row per image. finish() does the rest for every dataset.
+
+class Raw(NamedTuple):
+    """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
+    (raw value), split ("train" / "valid" / "test" where the dataset says, "" = to assign),
+    optional group (rows split separately per group, e.g. per folder), optional bits (PadChest
+    BitsStored), optional drop (a reason: the row counts for the split, then is dropped), and
+    either the label columns (multilabel) or one `label` column of class names (multiclass).
+    labels: the label columns, or the classes in order (None: sorted)."""
+    table: pd.DataFrame
+    labels: list = None
+    base: str = ""
+    dropped: dict = {}
+    images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
 
 
-def one_hot(names, classes):
-    index = {c: i for i, c in enumerate(classes)}
-    eye = np.eye(len(classes), dtype=np.float64)
-    return pd.DataFrame(eye[[index[n] for n in names]], columns=classes)
+def listed(rows, base, classes=None, images=None):
+    """Raw of a multiclass dataset from (path, patient, view, split, class name) rows."""
+    return Raw(pd.DataFrame(rows, columns=META_COLUMNS + ["label"]), classes, base, images=images)
 
 
-def patient_split(patients, fractions, seed):
-    """Seeded split of rows by patient: every patient goes to exactly one split. `fractions`
-    maps split name -> fraction of patients; the rest goes to "train"."""
-    unique = np.array(sorted(set(patients)))
-    order = np.random.default_rng(seed).permutation(len(unique))
-    assigned = np.full(len(unique), "train", dtype=object)
-    start = 0
-    for name, fraction in fractions.items():
-        n = int(round(fraction * len(unique)))
-        assigned[order[start:start + n]] = name
-        start += n
-    lookup = dict(zip(unique, assigned))
-    return np.array([lookup[p] for p in patients], dtype=object)
+# Reading raw files: a bad file, table or cell is a one-line error naming it
 
-
-def image_split(n, test_fraction, seed=PAPER_SEED):
-    """The paper's random split over images (its padchest.py and tuberculosis.py): shuffle the
-    row indices with np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
-    order = np.arange(n)
-    np.random.RandomState(seed).shuffle(order)
-    split = np.full(n, "test", dtype=object)
-    split[order[:int(n * (1 - test_fraction))]] = "train"
-    return split
-
-
-def validation_split(table):
-    """The split a pre-training run validates on: "valid", or "test" where a folder has no
-    valid rows (the paper validated NIH on its test list and PadChest on its held-out 10 %)."""
-    return "valid" if (table["split"] == "valid").any() else "test"
-
-
-def is_inside(path, root):
-    root = os.path.realpath(root)
-    return os.path.commonpath([os.path.realpath(path), root]) == root
+def require_file(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    return path
 
 
 def require_columns(table, columns, source):
@@ -370,24 +342,40 @@ def require_columns(table, columns, source):
             raise UserError(f"{source} has no column {c!r}")
 
 
-def require_file(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found")
-    return path
+def first_true(mask):
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
+def check_codes(values, allowed, file, column):
+    """A column as read (strings or numbers) -> numbers; a value outside `allowed` (blank
+    cells pass) is a one-line error naming file, line and column."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = ~(pd.isna(values) | (values.astype(str).str.strip() == "")) & ~numbers.isin(allowed)
+    if bad.any():
+        pos = first_true(bad)
+        allowed_text = f"{min(allowed)}..{max(allowed)}" if len(allowed) > 3 else ", ".join(map(str, sorted(allowed)))
+        raise UserError(f"{file} line {pos + 2} column {column!r}: {str(values.iloc[pos])!r} is not one of "
+                        f"{allowed_text} or blank")
+    return numbers
+
+
+def check_split_names(values, allowed, file):
+    bad = ~values.isin(allowed)
+    if bad.any():
+        pos = first_true(bad)
+        raise UserError(f"{file} line {pos + 2}: split {values.iloc[pos]!r} is not one of {', '.join(sorted(allowed))}")
 
 
 def read_table(path, **kwargs):
-    """pandas.read_csv with a malformed, non-UTF-8 or truncated (.gz) file as a one-line error."""
+    """pandas.read_csv, with a malformed, non-UTF-8 or truncated (.gz) file a one-line error."""
+    require_file(path)
     try:
-        if require_file(path).endswith(".gz"):
-            # Decompressed whole first: pandas reads a truncated .gz silently up to the cut.
+        if path.endswith(".gz"):   # decompressed whole first: pandas reads a truncated .gz silently up to the cut
             with gzip.open(path) as f:
                 return pd.read_csv(io.BytesIO(f.read()), **kwargs)
         return pd.read_csv(path, **kwargs)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, EOFError, OSError,
             zlib.error) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise UserError(f"{path}: unreadable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
@@ -400,8 +388,8 @@ def read_lines(path):
 
 
 def list_files(root, keep):
-    """Every file under root whose name passes `keep`, sorted. Directory symlinks are followed
-    once: a folder reached twice (a loop, or two links to it) is walked once, and a file reached
+    """Every file under root whose name passes `keep`, sorted. Directory symlinks are followed,
+    but a folder reached twice (a loop, or two links to it) is walked once, and a file reached
     by two paths is listed once."""
     seen_dirs, seen_files, out = set(), set(), []
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -420,47 +408,27 @@ def list_files(root, keep):
     return sorted(out)
 
 
-# ----------------------------------------------------------------------------------------
-# Parsers: raw layout -> Raw, one row per image. finish() does the rest for every dataset.
-
-class Raw(NamedTuple):
-    """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
-    (raw value, harmonised by VIEW_NAMES), split ("train" / "valid" / "test" where the dataset
-    says, "" = to assign), optional group (rows split separately per group, e.g. per folder),
-    optional bits (PadChest BitsStored), optional drop (a reason: the row counts for the split,
-    then is dropped), and either the label columns (multilabel) or one `label` column of class
-    names (multiclass). labels: the label columns, or the classes in order (None: sorted)."""
-    table: pd.DataFrame
-    labels: list = None
-    base: str = ""
-    dropped: dict = {}
-    images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
-
-
 def parse_chexpert(args):
     """CheXpert v1.0 or v1.0-small: --root is the dataset folder (holding train.csv) or the folder
-    holding it. Paths in the CSVs start with the dataset folder's name."""
+    holding it; the CSVs' paths start with the dataset folder's name."""
     root = args.root
     if not os.path.exists(os.path.join(root, "train.csv")):
-        found = [d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0") if os.path.exists(os.path.join(root, d, "train.csv"))]
+        found = [d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0")
+                 if os.path.exists(os.path.join(root, d, "train.csv"))]
         if not found:
             raise FileNotFoundError(f"no train.csv in {root} or {root}/CheXpert-v1.0[-small]")
         root = os.path.join(root, found[0])
-    parts = []
+    tables = []
     for split in ("train", "valid"):
         name = os.path.join(root, f"{split}.csv")
         t = read_table(name, dtype={"Path": str, "AP/PA": str})
         require_columns(t, ["Path", "Frontal/Lateral", "AP/PA"], name)
-        parts.append(pd.concat([t[["Path", "Frontal/Lateral", "AP/PA"]].reset_index(drop=True),
-                                chexpert_labels(t, name, args.uncertain, args.blank).reset_index(drop=True)], axis=1)
-                     .assign(split=split))
-    t = pd.concat(parts, ignore_index=True)
-    table = pd.DataFrame({"path": t["Path"],
-                          "patient": t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
-                          "view": t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]),
-                          "split": t["split"]})
-    labels = sorted(LABEL_RENAMES.get(l, l) for l in CHEXPERT_LABELS)
-    return Raw(pd.concat([table, t[labels]], axis=1), labels, os.path.dirname(os.path.abspath(root)))
+        tables.append(chexpert_labels(t, name, args.uncertain, args.blank).assign(
+            path=t["Path"], patient=t["Path"].str.extract(r"(patient\d+)", expand=False).fillna(t["Path"]),
+            view=t["AP/PA"].where(t["Frontal/Lateral"] == "Frontal", t["Frontal/Lateral"]), split=split))
+    labels = sorted(LABEL_RENAMES.get(name, name) for name in CHEXPERT_LABELS)
+    table = pd.concat(tables, ignore_index=True)[META_COLUMNS + labels]
+    return Raw(table, labels, os.path.dirname(os.path.abspath(root)))
 
 
 def parse_mimic(args, ext):
@@ -473,9 +441,8 @@ def parse_mimic(args, ext):
     require_columns(split_t, ["dicom_id", "split"], names["split"])
     check_split_names(split_t["split"], {"train", "validate", "test"}, names["split"])
     labels = chexpert_labels(labels_t, names["chexpert"], args.uncertain, args.blank)
-    labels_t = pd.concat([labels_t[["subject_id", "study_id"]], labels], axis=1)
     # One row per image of a labelled study (the paper joins labels onto the metadata).
-    t = meta_t.merge(labels_t, on=["subject_id", "study_id"], how="inner")
+    t = meta_t.merge(pd.concat([labels_t[["subject_id", "study_id"]], labels], axis=1), on=["subject_id", "study_id"])
     t = t.merge(split_t[["dicom_id", "split"]], on="dicom_id", how="left")
     sid, study = t["subject_id"].astype(str), t["study_id"].astype(str)
     paths = "files/p" + sid.str[:2] + "/p" + sid + "/s" + study + "/" + t["dicom_id"].astype(str) + "." + ext
@@ -484,13 +451,6 @@ def parse_mimic(args, ext):
     table = pd.DataFrame({"path": paths, "patient": sid, "view": t["ViewPosition"].fillna(""), "split": split})
     table = pd.concat([table, t[list(labels.columns)]], axis=1)[keep].reset_index(drop=True)
     return Raw(table, list(labels.columns), args.root, {"no official split": int((~keep).sum())})
-
-
-def check_split_names(values, allowed, file):
-    bad = ~values.isin(allowed)
-    if bad.any():
-        pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{file} line {pos + 2}: split {values.iloc[pos]!r} is not one of {', '.join(sorted(allowed))}")
 
 
 def parse_nih(args):
@@ -504,10 +464,10 @@ def parse_nih(args):
     t = read_table(csv, dtype={"Image Index": str, "Patient ID": str, "Finding Labels": str})
     require_columns(t, ["Image Index", "Finding Labels", "Patient ID", "View Position"], csv)
     tokens = [set(s.split("|")) for s in t["Finding Labels"].fillna("")]
+    known = set(NIH_LABELS) | {"No Finding"}
     for line, tok in enumerate(tokens, 2):
-        if not tok <= set(NIH_LABELS) | {"No Finding"}:
-            raise UserError(f"{csv} line {line} column 'Finding Labels': unknown finding "
-                            f"{sorted(tok - set(NIH_LABELS) - {'No Finding'})[0]!r}")
+        if not tok <= known:
+            raise UserError(f"{csv} line {line} column 'Finding Labels': unknown finding {sorted(tok - known)[0]!r}")
     train_val, test = (set(read_lines(os.path.join(args.root, n))) for n in ("train_val_list.txt", "test_list.txt"))
     split = pd.Series(["test" if n in test else "train" if n in train_val else "" for n in t["Image Index"]])
     keep = (split != "").to_numpy()
@@ -523,6 +483,17 @@ def parse_nih(args):
                {"not in the official split lists": int((~keep).sum())})
 
 
+def parse_padchest_list(cell):
+    """"['pleural effusion', ' unchanged']" -> ['pleural effusion', 'unchanged'] (stripped,
+    empties removed; case kept, as the paper matched case-sensitively); None when the cell is
+    not a list literal."""
+    try:
+        items = ast.literal_eval(cell.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return [s for s in (str(i).strip() for i in items) if s] if isinstance(items, (list, tuple)) else None
+
+
 def parse_padchest(args):
     """PadChest: the labels CSV and 16-bit PNGs in folders ImageDir (0..54). No official split.
     Rows as the paper's: Labels present and not in PADCHEST_PAPER_EXCLUDED; an empty or
@@ -532,24 +503,21 @@ def parse_padchest(args):
                                                  "Projection": str, "Labels": str})
     require_columns(t, ["ImageID", "ImageDir", "PatientID", "Projection", "Labels", "BitsStored_DICOM"], csv)
     bits = check_codes(t["BitsStored_DICOM"], set(range(1, 17)), csv, "BitsStored_DICOM")
-    lines = np.arange(len(t)) + 2
-    keep = t["Labels"].notna().to_numpy() & ~t["ImageID"].isin(PADCHEST_PAPER_EXCLUDED).to_numpy()
+    excluded = t["ImageID"].isin(PADCHEST_PAPER_EXCLUDED).to_numpy()
+    keep = t["Labels"].notna().to_numpy() & ~excluded
     dropped = {"no Labels": int(t["Labels"].isna().sum()),
-               "excluded by the paper": int((t["Labels"].notna() & t["ImageID"].isin(PADCHEST_PAPER_EXCLUDED)).sum())}
-    t, bits, lines = t[keep].reset_index(drop=True), bits[keep].reset_index(drop=True), lines[keep]
+               "excluded by the paper": int((t["Labels"].notna().to_numpy() & excluded).sum())}
+    lines = np.arange(len(t))[keep] + 2
+    t, bits = t[keep].reset_index(drop=True), bits[keep].reset_index(drop=True)
     lists = [parse_padchest_list(c) for c in t["Labels"]]
-    drop = ["Labels not a list literal" if l is None else "empty label list" if not l else "" for l in lists]
-    bad = [int(i) for i, l in zip(lines, lists) if l is None][:1]
-    if bad:
-        print(f"padchest: {csv} line {bad[0]} column 'Labels' is not a list literal (row dropped)", flush=True)
-    paths = t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"]
-    table = pd.DataFrame({"path": paths, "patient": t["PatientID"], "view": t["Projection"].fillna(""),
-                          "split": "", "bits": bits.fillna(16).astype(int), "drop": drop})
-    labels = padchest_labels([l or [] for l in lists])
+    if None in lists:
+        print0(f"padchest: {csv} line {lines[lists.index(None)]} column 'Labels' is not a list literal (row dropped)")
+    table = pd.DataFrame({
+        "path": t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"],
+        "patient": t["PatientID"], "view": t["Projection"].fillna(""), "split": "", "bits": bits.fillna(16).astype(int),
+        "drop": ["Labels not a list literal" if ls is None else "empty label list" if not ls else "" for ls in lists]})
+    labels = padchest_labels([ls or [] for ls in lists])
     return Raw(pd.concat([table, labels], axis=1), list(labels.columns), args.root, dropped)
-
-
-COVIDX_CLASSES = {"positive", "negative", "normal", "pneumonia", "covid-19"}
 
 
 def parse_covidx_line(line):
@@ -571,7 +539,7 @@ def parse_covidx(args):
             if line.strip():
                 patient, name, label = parse_covidx_line(line)
                 rows.append((f"{split}/{name}", patient, "", split, label))
-    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), base=args.root)
+    return listed(rows, args.root)
 
 
 def parse_tuberculosis(args):
@@ -586,6 +554,9 @@ def parse_tuberculosis(args):
     table = pd.DataFrame({"path": paths, "patient": [n[:-6] for n in names], "view": "PA", "split": "",
                           "group": [os.path.dirname(p) for p in paths], "label": [classes[int(n[-5])] for n in names]})
     return Raw(table, classes, args.root)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 
 
 def parse_imagefolder(args):
@@ -603,27 +574,26 @@ def parse_imagefolder(args):
                 rows.append((path, path, "", split_dirs.get(top, ""), cls))
     if not rows:
         raise UserError(f"no images in class folders under {args.root}")
-    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), base=args.root)
+    return listed(rows, args.root)
 
 
 def parse_imagenet(args):
-    """ImageNet-1k (ILSVRC2012) in its standard folders: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
-    (val sorted into class folders, as PyTorch's ImageNet example expects), listed with
-    torchvision's ImageFolder. torchvision.datasets.ImageNet would also need the devkit and the
-    original tarballs, so ImageFolder over the extracted folders is the practical reader. Classes
-    are the sorted wnids (the index order of torchvision and of the released checkpoints);
-    val is the validation split."""
+    """ImageNet-1k (ILSVRC2012) extracted: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted
+    into class folders, as PyTorch's ImageNet example expects; torchvision's ImageNet would also
+    need the devkit and the tarballs). Classes: the sorted wnids, torchvision's index order."""
     from torchvision.datasets import ImageFolder
     rows, classes = [], None
     for sub, split in (("train", "train"), ("val", "valid")):
-        if not os.path.isdir(os.path.join(args.root, sub)):
-            raise FileNotFoundError(f"{os.path.join(args.root, sub)} not found (expected ILSVRC2012 train/ and val/<wnid>/)")
-        ds = ImageFolder(os.path.join(args.root, sub))
+        folder = os.path.join(args.root, sub)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} not found (expected ILSVRC2012 train/ and val/<wnid>/)")
+        ds = ImageFolder(folder)
         if classes is not None and ds.classes != classes:
             raise UserError(f"{args.root}/val has other class folders than {args.root}/train")
         classes = ds.classes
-        rows += [(os.path.relpath(f, args.root), os.path.relpath(f, args.root), "", split, classes[y]) for f, y in ds.samples]
-    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root)
+        for f, y in ds.samples:
+            rows.append((os.path.relpath(f, args.root), os.path.relpath(f, args.root), "", split, classes[y]))
+    return listed(rows, args.root, classes)
 
 
 def parse_csv(args):
@@ -632,36 +602,33 @@ def parse_csv(args):
     (uncertain, see --uncertain) -> multilabel; one column of class names -> multiclass."""
     if not args.labels_csv:
         raise UserError("--dataset csv needs --labels-csv")
-    t = read_table(args.labels_csv, dtype=str, keep_default_na=False)
-    require_columns(t, ["path"], args.labels_csv)
+    file = args.labels_csv
+    t = read_table(file, dtype=str, keep_default_na=False)
+    require_columns(t, ["path"], file)
     label_cols = [c for c in t.columns if c not in META_COLUMNS]
     if not label_cols:
-        raise UserError(f"{args.labels_csv} has no label column (columns other than {', '.join(META_COLUMNS)})")
-    codes = {"", "0", "1", "-1", "0.0", "1.0", "-1.0"}
+        raise UserError(f"{file} has no label column (columns other than {', '.join(META_COLUMNS)})")
     cells = {c: t[c].str.strip() for c in label_cols}
-    coded = {c: cells[c].isin(codes) for c in label_cols}
+    coded = {c: cells[c].isin({"", "0", "1", "-1", "0.0", "1.0", "-1.0"}) for c in label_cols}
     # A column is 0/1-coded when nearly all its cells are, or when all are numbers; a stray value
     # there is an error, not a reason to read the file as class names.
-    binary = [c for c in label_cols
-              if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
+    binary = [c for c in label_cols if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
     if len(label_cols) == 1 and not binary:
-        names = sorted(cells[label_cols[0]].unique())
-        if "" in names:
-            pos = int(np.flatnonzero((cells[label_cols[0]] == "").to_numpy())[0])
-            raise UserError(f"{args.labels_csv} line {pos + 2} column {label_cols[0]!r}: empty class name")
         t["label"], labels = cells[label_cols[0]], None
+        if (t["label"] == "").any():
+            raise UserError(f"{file} line {first_true(t['label'] == '') + 2} column {label_cols[0]!r}: "
+                            "empty class name")
     else:
         for c in label_cols:
             if not coded[c].all():
-                pos = int(np.flatnonzero((~coded[c]).to_numpy())[0])
-                raise UserError(f"{args.labels_csv} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not "
-                                "1, 0, -1 or empty (label columns hold 1/0/empty, or are one column of class "
-                                "names, which are not numbers)")
+                pos = first_true(~coded[c])
+                raise UserError(f"{file} line {pos + 2} column {c!r}: {t[c].iloc[pos]!r} is not 1, 0, -1 or empty "
+                                "(label columns hold 1/0/empty, or are one column of class names, which are not "
+                                "numbers)")
         v = pd.DataFrame({c: pd.to_numeric(cells[c], errors="coerce") for c in label_cols})
-        t[label_cols] = v.mask(v == -1, {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[args.uncertain])
-        labels = label_cols
+        t[label_cols], labels = v.mask(v == -1, UNCERTAIN[args.uncertain]), label_cols
     split = t["split"].replace({"val": "valid", "validate": "valid"}) if "split" in t else pd.Series([""] * len(t))
-    check_split_names(split, set(SPLITS) | {""}, args.labels_csv)
+    check_split_names(split, set(SPLITS) | {""}, file)
     table = pd.DataFrame({"path": t["path"], "patient": t["patient"] if "patient" in t else t["path"],
                           "view": t["view"] if "view" in t else "", "split": split})
     return Raw(pd.concat([table, t[["label"] if labels is None else labels]], axis=1), labels, args.root)
@@ -671,14 +638,16 @@ TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flow
 
 
 def download(args):
-    """torchvision fetches the files into --root; the readers below then read them as downloaded."""
-    import torchvision.datasets as tvd
+    """torchvision fetches the files into --root; the parsers below read them as downloaded."""
+    import torchvision.datasets
     made = not os.path.exists(args.root)
-    cls = getattr(tvd, TORCHVISION[args.dataset])
+    cls = getattr(torchvision.datasets, TORCHVISION[args.dataset])
     try:
-        for split in ((True, False) if args.dataset.startswith("cifar") else ("test",)):
-            (cls(args.root, train=split, download=True) if args.dataset.startswith("cifar")
-             else cls(args.root, split=split, download=True))
+        if args.dataset.startswith("cifar"):
+            cls(args.root, train=True, download=True)
+            cls(args.root, train=False, download=True)
+        else:
+            cls(args.root, split="test", download=True)
     except (OSError, RuntimeError) as e:    # URLError is an OSError: offline, DNS, refused
         if made:
             shutil.rmtree(args.root, ignore_errors=True)
@@ -686,7 +655,7 @@ def download(args):
         raise UserError(f"--download {args.dataset} failed ({reason}); nothing was kept in {args.root}")
 
 
-def dataset_folder(args, name, what):
+def downloaded_folder(args, name, what):
     folder = os.path.join(args.root, name)
     if not os.path.isdir(folder):
         raise UserError(f"{args.dataset}: no {name}/ under {args.root} ({what}); pass --download to fetch it")
@@ -694,44 +663,47 @@ def dataset_folder(args, name, what):
 
 
 def parse_cifar(args):
-    """CIFAR-10/100 as torchvision downloads them (python pickles of uint8 rows): the images are
-    read here in memory, no file per image."""
-    import pickle
-    name, files, key, meta = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                                          "labels", ("batches.meta", "label_names")),
-                              "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels",
-                                           ("meta", "fine_label_names"))}[args.dataset]
-    folder = dataset_folder(args, name, "the python version of CIFAR")
-    load = lambda f: pickle.load(open(require_file(os.path.join(folder, f)), "rb"), encoding="latin1")
-    classes = load(meta[0])[meta[1]]
+    """CIFAR-10/100 as torchvision downloads them (python pickles of uint8 rows), read into
+    memory: no file per image."""
+    name, files, key, (meta_file, names_key) = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels",
+                    ("batches.meta", "label_names")),
+        "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", ("meta", "fine_label_names"))}[args.dataset]
+    folder = downloaded_folder(args, name, "the python version of CIFAR")
+
+    def load(f):
+        with open(require_file(os.path.join(folder, f)), "rb") as fh:
+            return pickle.load(fh, encoding="latin1")
+    classes = load(meta_file)[names_key]
     images, rows = [], []
     for f in files:
         batch = load(f)
         split = "test" if f.startswith("test") else "train"
         images.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         start = sum(r[3] == split for r in rows)
-        rows += [(f"{split}/{start + i}", f"{split}/{start + i}", "", split, classes[y]) for i, y in enumerate(batch[key])]
-    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root,
-               images=np.concatenate(images))
+        rows += [(f"{split}/{start + i}", f"{split}/{start + i}", "", split, classes[y])
+                 for i, y in enumerate(batch[key])]
+    return listed(rows, args.root, classes, np.concatenate(images))
 
 
 def parse_flowers102(args):
     """Flowers-102 as torchvision downloads it: flowers-102/jpg/image_00001.jpg, imagelabels.mat
     (1-based class per image) and setid.mat (trnid / valid / tstid)."""
     import scipy.io
-    folder = dataset_folder(args, "flowers-102", "jpg/, imagelabels.mat, setid.mat")
+    folder = downloaded_folder(args, "flowers-102", "jpg/, imagelabels.mat, setid.mat")
     labels = scipy.io.loadmat(require_file(os.path.join(folder, "imagelabels.mat")))["labels"].ravel()
     ids = scipy.io.loadmat(require_file(os.path.join(folder, "setid.mat")))
     classes = [str(i + 1) for i in range(102)]
     rows = [(f"flowers-102/jpg/image_{i:05d}.jpg", f"image_{i:05d}", "", split, classes[labels[i - 1] - 1])
             for key, split in (("trnid", "train"), ("valid", "valid"), ("tstid", "test")) for i in ids[key].ravel()]
-    return Raw(pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"]), classes, args.root)
+    return listed(rows, args.root, classes)
 
 
 def parse_pets(args):
     """Oxford-IIIT Pets as torchvision downloads it: oxford-iiit-pet/images/*.jpg and
-    annotations/{trainval,test}.txt (`name class_id species breed_id`); class names as torchvision's."""
-    folder = dataset_folder(args, "oxford-iiit-pet", "images/ and annotations/")
+    annotations/{trainval,test}.txt (`name class_id species breed_id`); class names as torchvision's,
+    read off the image names."""
+    folder = downloaded_folder(args, "oxford-iiit-pet", "images/ and annotations/")
     rows, names = [], {}
     for split, file in (("train", "trainval.txt"), ("test", "test.txt")):
         for line in read_lines(os.path.join(folder, "annotations", file)):
@@ -739,10 +711,8 @@ def parse_pets(args):
                 image, class_id = line.split()[:2]
                 names[int(class_id)] = " ".join(w.title() for w in image.rsplit("_", 1)[0].split("_"))
                 rows.append((f"oxford-iiit-pet/images/{image}.jpg", image, "", split, int(class_id)))
-    t = pd.DataFrame(rows, columns=["path", "patient", "view", "split", "label"])
-    classes = [names[k] for k in sorted(names)]
-    t["label"] = [names[k] for k in t["label"]]
-    return Raw(t, classes, args.root)
+    rows = [(path, patient, view, split, names[class_id]) for path, patient, view, split, class_id in rows]
+    return listed(rows, args.root, [names[k] for k in sorted(names)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -789,17 +759,56 @@ DATASETS = {
                 "the csv's split column if present, else by patient"),
 }
 SPLIT_RULES = ["paper", "patient"]
+PAPER_SEED = 42          # the seed of the paper's random splits (PadChest, Tuberculosis)
+
+
+def patient_split(patients, name, fraction, seed):
+    """Seeded: a fraction of the patients, with all their rows, go to split `name`, the others
+    to "train", so that no patient is on both sides."""
+    unique = np.array(sorted(set(patients)))
+    chosen = unique[np.random.default_rng(seed).permutation(len(unique))[:int(round(fraction * len(unique)))]]
+    lookup = dict.fromkeys(unique, "train") | dict.fromkeys(chosen, name)
+    return np.array([lookup[p] for p in patients], dtype=object)
+
+
+def image_split(n, test_fraction, seed=PAPER_SEED):
+    """The paper's random split over images (its padchest.py and tuberculosis.py): the row
+    indices shuffled by np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)
+    split = np.full(n, "test", dtype=object)
+    split[order[:int(n * (1 - test_fraction))]] = "train"
+    return split
+
+
+def assign_splits(t, spec, args, test_fraction, valid_fraction):
+    """The dataset's own split where it says one; the rest held out as test, over images per
+    group where the paper did so (--split-by paper), else by patient; the paper's renames of
+    official splits; then the validation carve-out from train, by patient."""
+    todo = (t["split"] == "").to_numpy()
+    split = t["split"].to_numpy().copy()
+    if todo.any() and args.split_by == "paper" and spec.image_split:
+        groups = (t["group"] if "group" in t else pd.Series("", index=t.index)).to_numpy()
+        for g in sorted(set(groups[todo])):
+            rows = np.flatnonzero(todo & (groups == g))
+            split[rows] = image_split(len(rows), test_fraction)
+    elif todo.any():
+        split[todo] = patient_split(t["patient"][todo].to_numpy(), "test", test_fraction, args.seed)
+    if args.split_by == "paper":
+        split = np.array([s if new else spec.paper_renames.get(s, s) for s, new in zip(split, todo)], dtype=object)
+    if valid_fraction:
+        train = split == "train"
+        split[train] = patient_split(t["patient"][train].to_numpy(), "valid", valid_fraction, args.seed)
+    return split
 
 
 def drop_listed_twice(table, dropped):
     """A file listed twice (also as ./x.png or a/../x.png) is kept once when its rows agree;
     rows that disagree (labels, split, patient) are a one-line error naming both."""
-    where = table["file"] if "file" in table else table["path"]
-    key = where.map(lambda p: os.path.normpath(str(p)))
+    key = table["path"].map(lambda p: os.path.normpath(str(p)))
     if not key.duplicated().any():
         return table
-    rest = table.drop(columns=[c for c in ("path", "file") if c in table]).astype(str)
-    distinct = rest.assign(_key=key.to_numpy()).drop_duplicates()
+    distinct = table.drop(columns="path").astype(str).assign(_key=key.to_numpy()).drop_duplicates()
     clash = distinct["_key"].duplicated()
     if clash.any():
         rows = np.flatnonzero((key == distinct["_key"][clash].iloc[0]).to_numpy())[:2]
@@ -810,12 +819,11 @@ def drop_listed_twice(table, dropped):
 
 
 def finish(raw, spec, args):
-    """Every parser's table -> the prepared table: views harmonised and filtered, splits assigned
-    (--split-by), rows marked for dropping removed, classes one-hot, `file` joined to the base
-    folder, and what was dropped reported. Returns (table, labels, dropped); the table's index
-    is the row of `raw.table` (CIFAR's in-memory images follow it)."""
-    t, dropped = raw.table.copy(), dict(raw.dropped)
-    t = drop_listed_twice(t, dropped)
+    """A parser's Raw -> (table, labels, dropped): views harmonised and filtered, splits assigned,
+    rows marked for dropping removed, classes one-hot, `file` joined to the base folder. The
+    table's index is the row of `raw.table` (CIFAR's in-memory images follow it)."""
+    dropped = dict(raw.dropped)
+    t = drop_listed_twice(raw.table.copy(), dropped)
     if spec.views:
         t["view"] = t["view"].fillna("").replace(VIEW_NAMES.get(args.dataset, {}))
         if "all" not in args.views:
@@ -823,24 +831,9 @@ def finish(raw, spec, args):
             dropped["view not in --views"] = int((~keep).sum())
             t = t[keep]
     test_fraction = spec.test_fraction if args.test_fraction is None else args.test_fraction
-    todo = (t["split"] == "").to_numpy()
-    split = t["split"].to_numpy().copy()
-    if todo.any():
-        if args.split_by == "paper" and spec.image_split:
-            groups = t["group"] if "group" in t else pd.Series("", index=t.index)
-            for g in sorted(set(groups[todo])):
-                rows = np.flatnonzero(todo & (groups == g).to_numpy())
-                split[rows] = image_split(len(rows), test_fraction)
-        else:
-            split[todo] = patient_split(t["patient"][todo].to_numpy(), {"test": test_fraction}, args.seed)
-    if args.split_by == "paper":
-        split = np.array([spec.paper_renames.get(s, s) if not d else s for s, d in zip(split, todo)], dtype=object)
     valid_fraction = spec.valid_fraction[SPLIT_RULES.index(args.split_by)] if args.valid_fraction is None \
         else args.valid_fraction
-    if valid_fraction:
-        train = split == "train"
-        split[train] = patient_split(t["patient"][train].to_numpy(), {"valid": valid_fraction}, args.seed)
-    t["split"] = split
+    t["split"] = assign_splits(t, spec, args, test_fraction, valid_fraction)
     if "drop" in t:
         for reason in sorted(set(t["drop"]) - {""}):
             dropped[reason] = int((t["drop"] == reason).sum())
@@ -853,12 +846,13 @@ def finish(raw, spec, args):
     labels = raw.labels
     if "label" in t:
         labels = labels or sorted(t["label"].unique())
-        t = pd.concat([t, one_hot(t["label"], labels).set_axis(t.index)], axis=1)
-    if "file" not in t:
-        t["file"] = [os.path.join(raw.base, p) for p in t["path"]]
+        column = {c: i for i, c in enumerate(labels)}
+        one_hot = np.eye(len(labels))[[column[c] for c in t["label"]]]
+        t = pd.concat([t, pd.DataFrame(one_hot, columns=labels, index=t.index)], axis=1)
+    t["file"] = [os.path.join(raw.base, p) for p in t["path"]]
     for reason, n in dropped.items():
         if n:
-            print(f"dropped: {n} rows ({reason})", flush=True)
+            print0(f"dropped: {n} rows ({reason})")
     return t, list(labels), dropped
 
 
@@ -866,12 +860,8 @@ def finish(raw, spec, args):
 # Image decoding: one file -> uint8 (size, size, channels)
 
 # Compressed DICOM transfer syntaxes Pillow cannot decode, and the plugin that can.
-DICOM_PLUGINS = {
-    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
-}
+DICOM_PLUGINS = {**{f"1.2.840.10008.1.2.4.{n}": "pylibjpeg-libjpeg" for n in (51, 57, 70, 80, 81)},
+                 **{f"1.2.840.10008.1.2.4.{n}": "pylibjpeg-openjpeg" for n in (201, 202, 203)}}
 
 
 def to_uint8(values, lo, hi):
@@ -880,46 +870,35 @@ def to_uint8(values, lo, hi):
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def is_dicom(path):
-    if path.lower().endswith((".dcm", ".dicom")):
-        return True
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
-
-
 def decode_dicom(path, channels):
-    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)): modality LUT, BitsStored range, MONOCHROME1
-    inverted, windowing not applied (see the module docstring)."""
+    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)), by the module docstring's rules."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
+    except pydicom.errors.InvalidDicomError as e:
         raise ValueError(f"not a DICOM file ({e})")
     if "PixelData" not in ds:
         raise ValueError("DICOM file without pixel data")
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
-    pixels_claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
+    claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
         int(ds.get("SamplesPerPixel", 1))
-    if Image.MAX_IMAGE_PIXELS and pixels_claimed > 2 * Image.MAX_IMAGE_PIXELS:
-        # The same budget as Pillow's decompression-bomb check: a small compressed file must not
-        # expand to gigabytes in a worker.
-        raise ValueError(f"DICOM of {pixels_claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
+    if Image.MAX_IMAGE_PIXELS and claimed > 2 * Image.MAX_IMAGE_PIXELS:   # a small file must not expand to GBs
+        raise ValueError(f"DICOM of {claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
                          "(Pillow's MAX_IMAGE_PIXELS x 2; possible decompression bomb)")
     try:
         pixels = ds.pixel_array
     except Exception as e:
         plugin = DICOM_PLUGINS.get(str(syntax), "pylibjpeg-libjpeg or python-gdcm")
         if "Pillow does not support" in str(e) or str(syntax) in DICOM_PLUGINS or "missing dependencies" in str(e):
-            raise ValueError(f"DICOM compression {getattr(syntax, 'name', syntax)} ({syntax}) needs a decoder "
-                             f"plugin: pip install pylibjpeg {plugin}")
+            raise ValueError(f"DICOM compression {getattr(syntax, 'name', syntax)} ({syntax}) needs a decoder plugin: "
+                             f"pip install pylibjpeg {plugin}")
         raise ValueError(f"DICOM pixel data unreadable ({str(e).splitlines()[0]})")
     color = int(ds.get("SamplesPerPixel", 1)) == 3
     if pixels.ndim == (4 if color else 3):      # multi-frame: the first frame
         pixels = pixels[0]
     if color:
-        img = Image.fromarray(to_uint8(pixels, 0, 255)).convert("L" if channels == 1 else "RGB")
-        return np.asarray(img), pixels.shape[:2]
+        return np.asarray(Image.fromarray(to_uint8(pixels, 0, 255)).convert("L" if channels == 1 else "RGB")), \
+            pixels.shape[:2]
     bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
@@ -932,16 +911,14 @@ def decode_dicom(path, channels):
 
 
 def decode_pillow(path, channels, size, bits=None):
-    """PNG/JPEG/... -> (uint8 (H', W') or (H', W', 3), original (H, W)). 16-bit grayscale maps
-    [0, 2^bits - 1] to [0, 255] (bits = 16 unless the dataset says otherwise)."""
+    """PNG/JPEG/... -> (uint8 (H', W') or (H', W', 3), original (H, W))."""
     with Image.open(path) as img:
         orig = (img.height, img.width)
-        if img.format == "JPEG" and size:
+        if img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size, size))
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            v = np.asarray(img)
-            out = to_uint8(v, 0, 2 ** (bits or 16) - 1)
+            out = to_uint8(np.asarray(img), 0, 2 ** (bits or 16) - 1)
             return (out if channels == 1 else np.repeat(out[..., None], 3, 2)), orig
         if img.mode == "F":
             raise ValueError("floating-point images are not supported")
@@ -950,15 +927,15 @@ def decode_pillow(path, channels, size, bits=None):
 
 def load_image(path, size, channels, bits=None):
     """One file -> (uint8 (size, size, channels), original (H, W)). Raises on unreadable input."""
-    if is_dicom(path):
-        pixels, orig = decode_dicom(path, channels)
-    else:
-        pixels, orig = decode_pillow(path, channels, size, bits)
+    dicom = path.lower().endswith((".dcm", ".dicom"))
+    if not dicom:
+        with open(path, "rb") as f:
+            dicom = f.read(132)[128:] == b"DICM"
+    pixels, orig = decode_dicom(path, channels) if dicom else decode_pillow(path, channels, size, bits)
     h, w = pixels.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    img = Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=(left, top, left + s, top + s))
-    out = np.asarray(img)
+    out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=(left, top, left + s, top + s)))
     return (out[..., None] if out.ndim == 2 else out), (int(orig[0]), int(orig[1]))
 
 
@@ -968,34 +945,36 @@ def reject_reason(e):
     if isinstance(e, UnidentifiedImageError):
         return "not an image"
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "truncated" in text.lower() or isinstance(e, EOFError):
-        return f"truncated image ({text})"
-    return text
+    return f"truncated image ({text})" if "truncated" in text.lower() or isinstance(e, EOFError) else text
 
 
 # ----------------------------------------------------------------------------------------
 # Parallel, resumable conversion into OUT/.work, then compaction into the prepared folder
 
-_worker = {}
+_worker = {}   # in a decoding process: the work array (memory-mapped), size, channels
 
 
 def _init_worker(images_path, size, channels):
     _worker.update(images=np.load(images_path, mmap_mode="r+"), size=size, channels=channels)
 
 
-def _convert(task):
-    """Worker: decode one file straight into the shared memory map; return (index, orig, reason)."""
-    i, file, bits = task
-    try:
-        pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits)
-    except Exception as e:  # every failure of one file is a reject, never a crash of the run
-        return i, None, reject_reason(e)
-    _worker["images"][i] = pixels
-    return i, orig, None
+def _init_pool_worker(*args):
+    models.die_with_parent()   # an orphaned worker would go on holding OUT's folder lock
+    _init_worker(*args)
 
 
-def _convert_chunk(tasks):
-    return [_convert(t) for t in tasks]
+def _convert(tasks):
+    """Decode files straight into the shared memory map: [(row, original size, reject reason)]."""
+    results = []
+    for i, file, bits in tasks:
+        try:
+            pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits)
+        except Exception as e:  # a file that fails is a reject, never a crash of the run
+            results.append((i, None, reject_reason(e)))
+        else:
+            _worker["images"][i] = pixels
+            results.append((i, orig, None))
+    return results
 
 
 def file_stamp(path):
@@ -1008,15 +987,15 @@ def file_stamp(path):
 
 
 class WorkState:
-    """OUT/.work: images.npy (all rows, memory-mapped), state.npz (done-mask, original sizes) and
-    rejects.json ({row: [reason, file stamp]}). A row counts as converted only once the
-    done-mask saying so is on disk."""
+    """OUT/.work: images.npy (all rows, memory-mapped), state.npz (done-mask, original sizes),
+    rejects.json ({row: [reason, file stamp]}) and plan.json (what the work is for; another plan
+    starts afresh). A row counts as converted only once the done-mask saying so is on disk."""
 
     def __init__(self, out, files, size, channels):
         self.dir = os.path.join(out, ".work")
         self.images_path = os.path.join(self.dir, "images.npy")
-        n = len(files)
-        plan = {"n": n, "size": size, "channels": channels,
+        shape = (len(files), size, size, channels)
+        plan = {"n": len(files), "size": size, "channels": channels,
                 "files": hashlib.sha1("\n".join(files).encode()).hexdigest()}
         old = None
         if os.path.exists(os.path.join(self.dir, "plan.json")):
@@ -1024,7 +1003,7 @@ class WorkState:
                 old = json.load(f)
         moved = os.path.join(out, "images.npy")
         if old == plan and not os.path.exists(self.images_path) and os.path.exists(moved) and \
-                np.load(moved, mmap_mode="r").shape == (n, size, size, channels):
+                np.load(moved, mmap_mode="r").shape == shape:
             # A run killed after compact() moved the whole work array out, before meta.json:
             # the array goes back, and this run compacts and finishes again.
             os.replace(moved, self.images_path)
@@ -1036,8 +1015,8 @@ class WorkState:
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.makedirs(self.dir)
-            np.lib.format.open_memmap(self.images_path, "w+", np.uint8, (n, size, size, channels)).flush()
-            self.done, self.orig, self.rejects = np.zeros(n, bool), np.zeros((n, 2), np.int32), {}
+            np.lib.format.open_memmap(self.images_path, "w+", np.uint8, shape).flush()
+            self.done, self.orig, self.rejects = np.zeros(len(files), bool), np.zeros((len(files), 2), np.int32), {}
             self.save()
             with models.atomic_write(os.path.join(self.dir, "plan.json")) as f:
                 json.dump(plan, f)
@@ -1048,19 +1027,31 @@ class WorkState:
         with models.atomic_write(os.path.join(self.dir, "state.npz"), "wb") as f:
             np.savez(f, done=self.done, orig=self.orig)
 
+    def refresh(self, files, refused):
+        """Rejected files that changed since are read again; `refused` rows are rejected unread."""
+        changed = [i for i, (_, stamp) in self.rejects.items() if i not in refused and file_stamp(files[i]) != stamp]
+        for i in changed:
+            del self.rejects[i]
+            self.done[i] = False
+        if changed:
+            print0(f"retry: {len(changed)} rejected files changed since they were rejected")
+        for i, reason in refused.items():
+            self.rejects[i], self.done[i] = [reason, None], True
+
 
 def pool_results(todo, workers, init_args):
     """Results of _convert over `todo` from `workers` processes, as they come, with a bounded
-    number of chunks in flight. A worker that dies (killed, out of memory) ends the run with a
+    number of chunks of 4 in flight. A worker that dies (killed, out of memory) ends the run with a
     one-line error instead of a hang; what came back before is kept by the caller."""
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                                                  initargs=init_args)
     chunks = iter([todo[k:k + 4] for k in range(0, len(todo), 4)])
     pending = set()
     try:
         while True:
             while len(pending) < 4 * workers and (chunk := next(chunks, None)) is not None:
-                pending.add(pool.submit(_convert_chunk, chunk))
+                pending.add(pool.submit(_convert, chunk))
             if not pending:
                 return
             finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -1075,33 +1066,22 @@ def pool_results(todo, workers, init_args):
 
 def convert_all(table, out, size, channels, workers, refused=None, stop_after=None):
     """Convert every row of `table` (columns file, optional bits) not yet done; resumable.
-    `refused` ({row: reason}) are rejected without being read; a rejected file that changed
-    since is read again. `stop_after` (tests) stops after that many new images, as an
-    interruption would."""
-    from tqdm import tqdm
+    `refused` ({row: reason}) are rejected without being read. `stop_after` (tests) stops after
+    that many new images, as an interruption would."""
     files = table["file"].tolist()
     bits = table["bits"].tolist() if "bits" in table else [None] * len(files)
     state = WorkState(out, files, size, channels)
-    refused = refused or {}
-    changed = [i for i, (_, stamp) in state.rejects.items() if i not in refused and file_stamp(files[i]) != stamp]
-    for i in changed:
-        del state.rejects[i]
-        state.done[i] = False
-    if changed:
-        print(f"retry: {len(changed)} rejected files changed since they were rejected", flush=True)
-    for i, reason in refused.items():
-        state.rejects[i], state.done[i] = [reason, None], True
+    state.refresh(files, refused or {})
     todo = [(int(i), files[i], None if bits[i] is None else int(bits[i])) for i in np.flatnonzero(~state.done)]
     if state.done.any():
-        print(f"resume: {int(state.done.sum())} of {len(files)} images already converted", flush=True)
-    n_total, t0, last_save, new = len(files), time.time(), time.time(), 0
-    log_every = max(1, n_total // 10)
-    bar = tqdm(total=n_total, initial=int(state.done.sum()), unit="img", disable=not sys.stderr.isatty())
+        print0(f"resume: {int(state.done.sum())} of {len(files)} images already converted")
     if workers > 1:
         results = pool_results(todo, workers, (state.images_path, size, channels))
     else:
         _init_worker(state.images_path, size, channels)
-        results = map(_convert, todo)
+        results = (result for task in todo for result in _convert([task]))
+    n, t0, last_save, new = len(files), time.time(), time.time(), 0
+    bar = models.progress(n, int(state.done.sum()))
     try:
         for i, orig, reason in results:
             if reason is None:
@@ -1112,9 +1092,9 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
             new += 1
             bar.update(1)
             done = int(state.done.sum())
-            if done % log_every == 0 or done == n_total:
-                print(f"convert: {done}/{n_total} images  rejects {len(state.rejects)}  "
-                      f"{new / max(time.time() - t0, 1e-9):.1f} img/s", flush=True)
+            if done % max(1, n // 10) == 0 or done == n:
+                print0(f"convert: {done}/{n} images  rejects {len(state.rejects)}  "
+                       f"{new / max(time.time() - t0, 1e-9):.1f} img/s")
             if time.time() - last_save > 5:
                 if workers == 1:
                     _worker["images"].flush()
@@ -1136,52 +1116,14 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
 
 
 def compact(state, keep, out):
-    """Copy the kept rows of the work array into OUT/images.npy (temp name, then rename); with
-    nothing to drop the work array is moved (WorkState moves it back if no meta.json follows)."""
+    """OUT/images.npy from the kept rows of the work array; with nothing to drop the work array
+    itself is moved (WorkState moves it back if no meta.json follows)."""
+    path = os.path.join(out, "images.npy")
     if keep.all():
-        models.replace_file(state.images_path, os.path.join(out, "images.npy"))
-        return
-    src = np.load(state.images_path, mmap_mode="r")
-    rows = np.flatnonzero(keep)
-    tmp = os.path.join(out, f"images.npy.tmp.{os.getpid()}")
-    dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(rows),) + src.shape[1:])
-    for start in range(0, len(rows), 512):
-        dst[start:start + 512] = src[rows[start:start + 512]]
-    dst.flush()
-    del dst
-    models.replace_file(tmp, os.path.join(out, "images.npy"))
-
-
-# ----------------------------------------------------------------------------------------
-# Statistics
-
-def counts(table):
-    return {"split": {k: int(v) for k, v in table["split"].value_counts().sort_index().items()},
-            "view": {(k or "(none)"): int(v) for k, v in table["view"].value_counts().sort_index().items()}}
-
-
-def label_stats(table, labels):
-    rows = []
-    for label in labels:
-        v = pd.to_numeric(table[label], errors="coerce")
-        for split in [s for s in SPLITS if (table["split"] == s).any()] + ["all"]:
-            x = v if split == "all" else v[table["split"] == split]
-            rows.append({"label": label, "split": split, "positive": int((x == 1).sum()),
-                         "negative": int((x == 0).sum()), "masked": int(x.isna().sum())})
-    return pd.DataFrame(rows)
-
-
-def report(table, labels, out):
-    """Print images per split and view and per-label counts; write label_stats.csv."""
-    c = counts(table)
-    print("images: " + "  ".join(f"{k} {v}" for k, v in c["split"].items()) + f"  total {len(table)}", flush=True)
-    print("views: " + "  ".join(f"{k} {v}" for k, v in c["view"].items()), flush=True)
-    stats = label_stats(table, labels)
-    write_csv(os.path.join(out, "label_stats.csv"), stats)
-    for r in stats.itertuples():
-        print(f"label {r.label!r} split {r.split}: positive {r.positive} negative {r.negative} "
-              f"masked {r.masked}", flush=True)
-    return stats
+        models.replace_file(state.images_path, path)
+    else:
+        src = np.load(state.images_path, mmap_mode="r")
+        write_images(path, (int(keep.sum()),) + src.shape[1:], [(src, np.flatnonzero(keep))])
 
 
 # ----------------------------------------------------------------------------------------
@@ -1204,44 +1146,34 @@ def merge(inputs, out, label_mode="intersection"):
     labels = sorted(set.intersection(*sets) if label_mode == "intersection" else set.union(*sets))
     if not labels:
         raise UserError("merge: the inputs share no label; use --labels union")
-    print(f"merge: {label_mode} of labels, kept {len(labels)}: {', '.join(labels)}", flush=True)
+    print0(f"merge: {label_mode} of labels, kept {len(labels)}: {', '.join(labels)}")
     for d, m in zip(inputs, metas):
         gone = sorted(set(m["labels"]) - set(labels))
-        print(f"merge: {d}: dropped {len(gone)} labels" + (f": {', '.join(gone)}" if gone else ""), flush=True)
-    tables = []
+        print0(f"merge: {d}: dropped {len(gone)} labels" + (f": {', '.join(gone)}" if gone else ""))
+    tables, arrays = [], []
     for d, m in zip(inputs, metas):
         t = read_labels_csv(d, m["labels"])
-        open_images(d, m, len(t))  # checked before anything is written
+        arrays.append(open_images(d, m, len(t)))  # every input checked before anything is written
         name = m["name"] or os.path.basename(os.path.normpath(d))
         t["path"], t["patient"] = name + "/" + t["path"], name + "/" + t["patient"]
         if validation_split(t) == "test":
-            print(f"merge: {d} has no valid split; its test rows validate the merged source", flush=True)
+            print0(f"merge: {d} has no valid split; its test rows validate the merged source")
             t["split"] = t["split"].replace({"test": "valid"})
         for label in labels:
             t[label] = t[label] if label in t else np.nan
         tables.append(t[META_COLUMNS + labels])
     table = pd.concat(tables, ignore_index=True)
+    size, channels = metas[0]["size"], metas[0]["channels"]
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"images.npy.tmp.{os.getpid()}")
-    size, ch = metas[0]["size"], metas[0]["channels"]
-    dst = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(table), size, size, ch))
-    start = 0
-    for d, m, t in zip(inputs, metas, tables):
-        src = open_images(d, m, len(t))
-        for i in range(0, len(src), 512):
-            dst[start + i:start + i + len(src[i:i + 512])] = src[i:i + 512]
-        start += len(src)
-    dst.flush()
-    del dst
-    models.replace_file(tmp, os.path.join(out, "images.npy"))
-    write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
+    write_images(os.path.join(out, "images.npy"), (len(table), size, size, channels),
+                 [(a, np.arange(len(a))) for a in arrays])
+    write_labels_csv(out, table, labels)
     write_csv(os.path.join(out, "rejects.csv"), pd.DataFrame(columns=["path", "reason"]))
+    report(table, labels, out)
     # Per-row original sizes are not kept; the median over images is approximated by the
     # median of the sources' medians weighted by their image counts.
-    orig = np.repeat(np.array([m.get("orig_size", [size, size]) for m in metas]),
-                     [len(t) for t in tables], axis=0)
-    report(table, labels, out)
-    write_meta(out, {"name": "+".join(m["name"] for m in metas), "size": size, "channels": ch,
+    orig = np.repeat(np.array([m.get("orig_size", [size, size]) for m in metas]), [len(t) for t in tables], axis=0)
+    write_meta(out, {"name": "+".join(m["name"] for m in metas), "size": size, "channels": channels,
                      "labels": labels, "task": "multilabel",
                      "orig_size": [int(v) for v in np.median(orig, axis=0)], "counts": counts(table),
                      "sources": [os.path.abspath(d) for d in inputs]})
@@ -1249,96 +1181,103 @@ def merge(inputs, out, label_mode="intersection"):
 
 
 # ----------------------------------------------------------------------------------------
-# Synthetic raw data in the real on-disk layouts (demo runs and test fixtures)
+# Synthetic raw data in the real on-disk layouts (the demo run)
 
 DEMO_CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Pneumonia",
                           "Pneumothorax", "Support Devices", "Lung Lesion", "Pleural Other"]
 
 
+def ellipse(x, y, cx, cy, rx, ry):
+    """< 1 inside the ellipse centred at (cx, cy) with radii (rx, ry)."""
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
+
+
+def blob(x, y, cx, cy, r):
+    return np.exp(-ellipse(x, y, cx, cy, r, r))
+
+
 def synthetic_chest(rng, findings, size=112, lateral=False):
     """A chest-like grayscale uint8 image: two dark lung fields (one on a lateral view) crossed
     by ribs, bright mediastinum and heart, smooth lung texture, label-free patches on the soft
-    tissue outside the lungs, noise, random brightness/contrast/shift; each finding drawn as its
-    own pattern. "Tuberculosis" = faint upper-zone fuzzy patches, i.e. a variant of the
-    Pneumonia pattern, so features learned on sources transfer, while ribs and soft-tissue
-    patches keep "something bright" from being enough for a model that learns from a few
-    target images alone."""
+    tissue outside the lungs, noise, random brightness/contrast/shift; each finding of
+    DEMO_CHEXPERT_FINDINGS and "Tuberculosis" drawn as its own pattern. Ribs and soft-tissue
+    patches keep "something bright" from being enough for a model that learns from a few target
+    images alone, so that pre-training on the sources is what helps."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     dx, dy = rng.uniform(-0.04, 0.04, 2)
     x, y = xx - dx, yy - dy
-    ell = lambda cx, cy, rx, ry: ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
-    blob = lambda cx, cy, r: np.exp(-ell(cx, cy, r, r))
     lungs = [(0.5, 0.5, 0.27, 0.33)] if lateral else [(0.3, 0.5, 0.15, 0.32), (0.7, 0.5, 0.15, 0.32)]
     img = 0.6 - 0.15 * ((x - 0.5) / 0.5) ** 2                     # soft tissue, darker at the sides
     texture = np.asarray(Image.fromarray(rng.normal(0, 1, (16, 16)).astype(np.float32), "F")
                          .resize((size, size), Image.BILINEAR))
     in_lung = np.zeros((size, size), bool)
-    for cx, cy, rx, ry in lungs:
-        in_lung |= ell(cx, cy, rx, ry) < 1
-    lung_level = 0.08 if "Emphysema" in findings else 0.2
-    img = np.where(in_lung, lung_level + 0.04 * texture, img)
+    for lung in lungs:
+        in_lung |= ellipse(x, y, *lung) < 1
+    img = np.where(in_lung, 0.2 + 0.04 * texture, img)
     if not lateral:                   # posterior ribs: bright arcs across both lungs, a random phase
         gap, phase, bend = rng.uniform(0.09, 0.12), rng.uniform(0, 0.12), rng.uniform(0.3, 0.6)
-        ribs = (np.abs(((y - phase - bend * (x - 0.5) ** 2) % gap) - gap / 2) < 0.012)
+        ribs = np.abs(((y - phase - bend * (x - 0.5) ** 2) % gap) - gap / 2) < 0.012
         img = img + rng.uniform(0.1, 0.18) * (in_lung & ribs)
-    heart_r = (0.2, 0.16) if "Cardiomegaly" in findings else (0.12, 0.11)
-    if not lateral:
         img = np.where((np.abs(x - 0.5) < 0.05) & (y > 0.08) & (y < 0.75), 0.75, img)   # mediastinum
-    img = np.where(ell(0.4 if lateral else 0.55, 0.64, *heart_r) < 1, 0.72, img)
-    pick = lambda: lungs[rng.integers(len(lungs))]
-    for f in findings:
-        cx, cy, rx, ry = pick()
-        side = 1 if cx >= 0.5 else -1
-        inside = ell(cx, cy, rx, ry) < 1
-        if f == "Effusion":           # bright meniscus at a lung base, rising laterally
-            img = np.where(inside & (y > cy + 0.55 * ry - 0.8 * ry * np.clip((x - cx) * side / rx, 0, 1) ** 2), 0.7, img)
-        elif f == "Pneumothorax":     # dark rim without texture, with a visible pleural line
-            r = ell(cx, cy - 0.05, rx * 0.7, ry * 0.8)
-            img = np.where(inside & (r >= 1) & (y < cy + 0.1), 0.02, img)
-            img = np.where(inside & (np.abs(r - 1) < 0.08) & (y < cy + 0.1), 0.45, img)
-        elif f == "Consolidation":    # one large dense homogeneous blob
-            img = img + 0.5 * inside * (blob(cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(0, 0.15), 0.08) > 0.5)
-        elif f == "Pneumonia":        # several fuzzy patches in the lower zones
-            for _ in range(4):
-                img = img + 0.3 * inside * blob(cx + rng.uniform(-0.08, 0.08), cy + rng.uniform(0.0, 0.22), 0.04)
-        elif f == "Edema":            # bilateral perihilar streaks
-            for lcx, lcy, lrx, lry in lungs:
-                lin = ell(lcx, lcy, lrx, lry) < 1
-                for k in range(4):
-                    img = img + 0.25 * lin * (np.abs(y - (lcy - 0.1 + 0.07 * k) - 0.3 * (x - lcx)) < 0.012)
-        elif f == "Atelectasis":      # bright horizontal band
-            img = img + 0.4 * inside * (np.abs(y - cy - rng.uniform(0.05, 0.15)) < 0.02)
-        elif f == "Nodule" or f == "Lung Lesion":
-            for _ in range(3):
-                img = img + 0.45 * inside * (ell(cx + rng.uniform(-0.07, 0.07), cy + rng.uniform(-0.2, 0.2), 0.02, 0.02) < 1)
-        elif f == "Mass":
-            img = img + 0.5 * inside * (ell(cx, cy + rng.uniform(-0.1, 0.1), 0.07, 0.07) < 1)
-        elif f == "Infiltration":     # diffuse haze over a lung
-            img = img + 0.15 * inside * (1 + texture) / 2
-        elif f in ("Pleural_Thickening", "Pleural Other"):   # bright rim along the lung edge
-            r = ell(cx, cy, rx, ry)
-            img = img + 0.35 * ((r > 0.55) & (r < 1.0) & ((x - cx) * side > 0))
-        elif f == "Support Devices":  # a tube and a pacemaker box
-            img = np.where((np.abs(x - 0.47) < 0.008) & (y > 0.02) & (y < 0.55), 0.95, img)
-            img = np.where((np.abs(x - 0.22) < 0.04) & (np.abs(y - 0.12) < 0.03), 0.95, img)
-        elif f == "Tuberculosis":     # fuzzy patches in the upper zones: the Pneumonia pattern of
-            # the sources, moved up, so features learned there transfer
-            for _ in range(4):
-                img = img + 0.22 * inside * blob(cx + rng.uniform(-0.08, 0.08), cy - rng.uniform(0.0, 0.22), 0.045)
+    heart = (0.2, 0.16) if "Cardiomegaly" in findings else (0.12, 0.11)
+    img = np.where(ellipse(x, y, 0.4 if lateral else 0.55, 0.64, *heart) < 1, 0.72, img)
+    for finding in findings:
+        img = draw_finding(img, finding, rng, x, y, lungs)
     for _ in range(int(rng.integers(1, 4)) if rng.random() < 0.5 else 0):
         # label-free fuzzy patches outside the lungs (soft tissue): a blob is a finding only where
         # it lies in a lung, which pre-training learns and a few target images cannot teach
         cx, cy = rng.uniform(0.05, 0.95, 2)
-        while any(((cx - lx) / rx) ** 2 + ((cy - ly) / ry) ** 2 < 1.3 for lx, ly, rx, ry in lungs):
+        while any(ellipse(cx, cy, *lung) < 1.3 for lung in lungs):
             cx, cy = rng.uniform(0.05, 0.95, 2)
-        img = img + 0.3 * blob(cx, cy, 0.045)
+        img = img + 0.3 * blob(x, y, cx, cy, 0.045)
     img = (img - 0.45) * rng.uniform(0.8, 1.2) + 0.45 + rng.uniform(-0.08, 0.08)
-    img = img + rng.normal(0, 0.03, img.shape)
-    return to_uint8(img, 0.0, 1.0)
+    return to_uint8(img + rng.normal(0, 0.03, img.shape), 0.0, 1.0)
 
 
-def demo_findings(rng, names, p):
-    return [n for n in names if rng.random() < p]
+def draw_finding(img, finding, rng, x, y, lungs):
+    """`img` with one finding's pattern in a lung drawn at random (Cardiomegaly is the heart's size)."""
+    cx, cy, rx, ry = lungs[rng.integers(len(lungs))]
+    side = 1 if cx >= 0.5 else -1
+    inside = ellipse(x, y, cx, cy, rx, ry) < 1
+    if finding == "Effusion":         # bright meniscus at a lung base, rising laterally
+        img = np.where(inside & (y > cy + 0.55 * ry - 0.8 * ry * np.clip((x - cx) * side / rx, 0, 1) ** 2), 0.7, img)
+    elif finding == "Pneumothorax":   # dark rim without texture, with a visible pleural line
+        r = ellipse(x, y, cx, cy - 0.05, rx * 0.7, ry * 0.8)
+        img = np.where(inside & (r >= 1) & (y < cy + 0.1), 0.02, img)
+        img = np.where(inside & (np.abs(r - 1) < 0.08) & (y < cy + 0.1), 0.45, img)
+    elif finding == "Consolidation":  # one large dense homogeneous blob
+        center = (cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(0, 0.15))
+        img = img + 0.5 * inside * (blob(x, y, *center, 0.08) > 0.5)
+    elif finding in ("Pneumonia", "Tuberculosis"):
+        # fuzzy patches in the lower zones; Tuberculosis: fainter, in the upper zones, i.e. the
+        # sources' Pneumonia pattern moved up, so that features learned there transfer
+        level, sign, r = (0.3, 1, 0.04) if finding == "Pneumonia" else (0.22, -1, 0.045)
+        for _ in range(4):
+            center = (cx + rng.uniform(-0.08, 0.08), cy + sign * rng.uniform(0.0, 0.22))
+            img = img + level * inside * blob(x, y, *center, r)
+    elif finding == "Edema":          # bilateral perihilar streaks
+        for lcx, lcy, lrx, lry in lungs:
+            in_this_lung = ellipse(x, y, lcx, lcy, lrx, lry) < 1
+            for k in range(4):
+                img = img + 0.25 * in_this_lung * (np.abs(y - (lcy - 0.1 + 0.07 * k) - 0.3 * (x - lcx)) < 0.012)
+    elif finding == "Atelectasis":    # bright horizontal band
+        img = img + 0.4 * inside * (np.abs(y - cy - rng.uniform(0.05, 0.15)) < 0.02)
+    elif finding == "Lung Lesion":    # small dense nodules
+        for _ in range(3):
+            nodule = (cx + rng.uniform(-0.07, 0.07), cy + rng.uniform(-0.2, 0.2), 0.02, 0.02)
+            img = img + 0.45 * inside * (ellipse(x, y, *nodule) < 1)
+    elif finding == "Pleural Other":  # bright rim along the lung edge
+        r = ellipse(x, y, cx, cy, rx, ry)
+        img = img + 0.35 * ((r > 0.55) & (r < 1.0) & ((x - cx) * side > 0))
+    elif finding == "Support Devices":  # a tube and a pacemaker box
+        img = np.where((np.abs(x - 0.47) < 0.008) & (y > 0.02) & (y < 0.55), 0.95, img)
+        img = np.where((np.abs(x - 0.22) < 0.04) & (np.abs(y - 0.12) < 0.03), 0.95, img)
+    return img
+
+
+def save_chest(path, rng, findings, size, lateral=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(synthetic_chest(rng, findings, size, lateral)).save(path, quality=95)  # PNG ignores quality
 
 
 def chexpert_cell(rng, present, valid):
@@ -1366,35 +1305,34 @@ def chexpert_report(rng, findings, valid=False):
     return [no_finding] + [chexpert_cell(rng, name in present, valid) for name in CHEXPERT_LABELS]
 
 
-def write_chexpert_raw(root, n=600, seed=0, image_size=112, p=0.12, folder="CheXpert-v1.0-small"):
-    """A CheXpert-style folder: root/FOLDER/{train,valid}.csv with 1/0/-1/blank and
-    root/FOLDER/{train,valid}/patientNNNNN/studyN/view1_frontal.jpg (+ view2_lateral.jpg)."""
+def write_chexpert_raw(root, n, seed, image_size, p):
+    """A CheXpert-style folder: root/CheXpert-v1.0-small/{train,valid}.csv with 1/0/-1/blank and
+    root/CheXpert-v1.0-small/{train,valid}/patientNNNNN/studyN/view1_frontal.jpg (+ view2_lateral.jpg)."""
     rng = np.random.default_rng(seed)
-    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"] + CHEXPERT_LABELS
     lines = {"train": [], "valid": []}
     count, patient = 0, 0
     while count < n:
         patient += 1
         split = "valid" if rng.random() < 0.1 else "train"
         for study in range(1, int(rng.integers(1, 3)) + 1):
-            findings = demo_findings(rng, DEMO_CHEXPERT_FINDINGS, p)
-            views = [("view1_frontal.jpg", "Frontal")] + ([("view2_lateral.jpg", "Lateral")] if rng.random() < 0.2 else [])
-            for fname, fl in views[:n - count]:
-                rel = f"{folder}/{split}/patient{patient:05d}/study{study}/{fname}"
-                os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-                Image.fromarray(synthetic_chest(rng, findings, image_size, lateral=fl == "Lateral")).save(
-                    os.path.join(root, rel), quality=95)
-                ap_pa = ("PA" if rng.random() < 0.3 else "AP") if fl == "Frontal" else ""
-                lines[split].append(",".join([rel, "Female" if rng.random() < 0.5 else "Male", str(int(rng.integers(20, 90))),
-                                              fl, ap_pa] + chexpert_report(rng, findings, split == "valid")))
+            findings = [f for f in DEMO_CHEXPERT_FINDINGS if rng.random() < p]
+            views = [("view1_frontal.jpg", "Frontal")]
+            views += [("view2_lateral.jpg", "Lateral")] if rng.random() < 0.2 else []
+            for name, frontal_lateral in views[:n - count]:
+                rel = f"CheXpert-v1.0-small/{split}/patient{patient:05d}/study{study}/{name}"
+                save_chest(os.path.join(root, rel), rng, findings, image_size, lateral=frontal_lateral == "Lateral")
+                ap_pa = ("PA" if rng.random() < 0.3 else "AP") if frontal_lateral == "Frontal" else ""
+                sex, age = "Female" if rng.random() < 0.5 else "Male", str(int(rng.integers(20, 90)))
+                row = [rel, sex, age, frontal_lateral, ap_pa] + chexpert_report(rng, findings, split == "valid")
+                lines[split].append(",".join(row))
                 count += 1
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"] + CHEXPERT_LABELS
     for split, rows in lines.items():
-        with open(os.path.join(root, folder, f"{split}.csv"), "w") as f:
+        with open(os.path.join(root, "CheXpert-v1.0-small", f"{split}.csv"), "w") as f:
             f.write(",".join(header) + "\n" + "".join(r + "\n" for r in rows))
-    return os.path.join(root, folder)
 
 
-def write_mimic_raw(root, n=2400, seed=0, image_size=112, p=0.12):
+def write_mimic_raw(root, n, seed, image_size, p):
     """A MIMIC-CXR-JPG-2.0.0-style folder: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg and the
     mimic-cxr-2.0.0-{chexpert,metadata,split}.csv.gz tables (the CheXpert labeller's coding per
     study, official train / validate / test by subject), with the sources' findings."""
@@ -1406,40 +1344,34 @@ def write_mimic_raw(root, n=2400, seed=0, image_size=112, p=0.12):
         split = str(rng.choice(["train", "validate", "test"], p=[0.9, 0.05, 0.05]))
         for _ in range(int(rng.integers(1, 3))):
             study += 1
-            findings = demo_findings(rng, DEMO_CHEXPERT_FINDINGS, p)
-            reports.append(f"{subject},{study}," + ",".join(chexpert_report(rng, findings)))
+            findings = [f for f in DEMO_CHEXPERT_FINDINGS if rng.random() < p]
+            reports.append([str(subject), str(study)] + chexpert_report(rng, findings))
             views = ["PA" if rng.random() < 0.4 else "AP"] + (["LATERAL"] if rng.random() < 0.2 else [])
             for view in views[:n - len(meta)]:
                 dicom = f"{rng.integers(16 ** 8):08x}-{rng.integers(16 ** 8):08x}"
-                folder = os.path.join(root, "files", f"p{str(subject)[:2]}", f"p{subject}", f"s{study}")
-                os.makedirs(folder, exist_ok=True)
-                Image.fromarray(synthetic_chest(rng, findings, image_size, lateral=view == "LATERAL")).save(
-                    os.path.join(folder, dicom + ".jpg"), quality=95)
-                meta.append(f"{dicom},{subject},{study},CHEST (PA AND LAT),{view},{image_size},{image_size}")
-                split_rows.append(f"{dicom},{study},{subject},{split}")
-    tables = {"chexpert": ("subject_id,study_id,No Finding," + ",".join(CHEXPERT_LABELS), reports),
-              "metadata": ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns", meta),
-              "split": ("dicom_id,study_id,subject_id,split", split_rows)}
-    for name, (header, rows) in tables.items():
-        pd.DataFrame([r.split(",") for r in rows], columns=header.split(",")).to_csv(
-            os.path.join(root, f"mimic-cxr-2.0.0-{name}.csv.gz"), index=False)
-    return root
+                path = os.path.join(root, "files", f"p{str(subject)[:2]}", f"p{subject}", f"s{study}", dicom + ".jpg")
+                save_chest(path, rng, findings, image_size, lateral=view == "LATERAL")
+                meta.append([dicom, str(subject), str(study), "CHEST (PA AND LAT)", view] + [str(image_size)] * 2)
+                split_rows.append([dicom, str(study), str(subject), split])
+    for name, header, rows in (
+            ("chexpert", ["subject_id", "study_id", "No Finding"] + CHEXPERT_LABELS, reports),
+            ("metadata", ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                          "Rows", "Columns"], meta),
+            ("split", ["dicom_id", "study_id", "subject_id", "split"], split_rows)):
+        pd.DataFrame(rows, columns=header).to_csv(os.path.join(root, f"mimic-cxr-2.0.0-{name}.csv.gz"), index=False)
 
 
-def write_tuberculosis_raw(root, n=600, seed=0, image_size=112):
+def write_tuberculosis_raw(root, n, seed, image_size):
     """Shenzhen/Montgomery-style target: ChinaSet_AllFiles/CXR_png/CHNCXR_0001_0.png and
-    MontgomerySet/CXR_png/MCUCXR_0001_1.png, balanced."""
+    MontgomerySet/CXR_png/MCUCXR_0001_1.png, balanced. No other findings: with few shots,
+    source findings present in both classes would be what the pre-trained features see first
+    (measured: few-shot AUC near 0.5)."""
     rng = np.random.default_rng(seed)
     for i in range(n):
         label = i % 2
         prefix, folder = ("CHNCXR", "ChinaSet_AllFiles") if i < n * 2 // 3 else ("MCUCXR", "MontgomerySet")
-        # No other findings: with few shots, source findings present in both classes would be
-        # what the pre-trained features see first (measured: few-shot AUC near 0.5).
-        findings = ["Tuberculosis"] if label else []
-        os.makedirs(os.path.join(root, folder, "CXR_png"), exist_ok=True)
-        Image.fromarray(synthetic_chest(rng, findings, image_size)).save(
-            os.path.join(root, folder, "CXR_png", f"{prefix}_{i + 1:04d}_{label}.png"))
-    return root
+        save_chest(os.path.join(root, folder, "CXR_png", f"{prefix}_{i + 1:04d}_{label}.png"), rng,
+                   ["Tuberculosis"] if label else [], image_size)
 
 
 def make_demo(raw_root, seed=0, n_chexpert=2000, n_mimic=1350, n_target=600, image_size=64):
@@ -1466,7 +1398,8 @@ def get_args_parser():
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
     p.add_argument("--size", type=models.at_least(1), default=None,
-                   help="side of the stored square images (default: 512, the HyperRule's resize; CIFAR 32; ImageNet 256)")
+                   help="side of the stored square images (default: 512, the BiT-HyperRule's resize before its 480 "
+                        "crop; CIFAR its native 32, resized on the device; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="stored channels (default: 1 for X-rays and csv, 3 for natural images and imagefolder)")
     p.add_argument("--views", nargs="+", default=PRETRAIN_VIEWS,
@@ -1486,30 +1419,28 @@ def get_args_parser():
                    help="fraction held out as 'test' where there is no official test split (default: PadChest 0.1, "
                         "Tuberculosis 0.15 per folder, imagefolder/csv 0.15)")
     p.add_argument("--seed", type=models.at_least(0), default=0,
-                   help="seed of the patient-level splits and of the demo data (the paper's random splits use its "
-                        "seed 42)")
-    p.add_argument("--uncertain", choices=["ignore", "ones", "zeros"], default="ignore",
+                   help="seed of the patient-level splits and of the demo data (the paper's random splits: 42)")
+    p.add_argument("--uncertain", choices=list(UNCERTAIN), default="ignore",
                    help="CheXpert/MIMIC/csv uncertain (-1) labels: ignore = unknown (masked), or map to 1 / 0")
     p.add_argument("--blank", choices=["ignore", "zeros"], default="ignore",
                    help="CheXpert/MIMIC blank (not mentioned) labels: unknown (masked) or 0")
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
-                   help="merge: keep the sorted intersection of the inputs' labels (the paper's rule), or the union "
+                   help="merge: the sorted intersection of the inputs' labels (the paper's rule), or the union "
                         "(unknown where a source lacks a label)")
     p.add_argument("--workers", type=models.at_least(1), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (1 = in this process)")
     p.add_argument("--max-rejects", type=float, default=0.01,
-                   help="fail (exit 2, dataset left incomplete and resumable) when more than this fraction of "
-                        "images is rejected")
+                   help="fail (exit 2, dataset left incomplete and resumable) above this fraction of rejected images")
     p.add_argument("--strict", action="store_true", help="fail on any rejected image")
     p.add_argument("--dry-run", action="store_true",
                    help="read metadata only: write labels.csv and label_stats.csv (into OUT/.dry-run when OUT holds "
                         "a prepared dataset, which stays untouched), print the counts, convert nothing")
-    p.add_argument("--download", action="store_true", help="cifar10/cifar100/flowers102/pets: download into --root if absent")
-    p.add_argument("--overwrite", action="store_true",
-                   help="rebuild an already prepared --out: the new dataset is built in OUT/.rebuild and replaces "
-                        "the old one only once it is complete")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10/cifar100/flowers102/pets: download into --root if absent")
+    p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared --out: the new dataset is "
+                   "built in OUT/.rebuild and replaces the old one only once it is complete")
     return p
 
 
@@ -1518,17 +1449,17 @@ def check_args(args):
         raise UserError("--valid-fraction and --test-fraction must be in [0, 1)")
     if args.dataset == "merge":
         models.check_out(args.out, args.inputs or [], "--inputs")
-    elif args.dataset != "demo" and args.root:
-        models.check_out(args.out, [args.root], "--root")
-    else:
-        models.check_out(args.out)
-    if args.dataset == "merge":
         if not args.inputs or len(args.inputs) < 2:
             raise UserError("merge needs --inputs with at least two prepared folders")
-    elif args.dataset != "demo" and not args.root:
+    elif args.dataset == "demo":
+        models.check_out(args.out)
+    elif not args.root:
+        models.check_out(args.out)
         raise UserError(f"--dataset {args.dataset} needs --root")
-    elif args.dataset != "demo" and not os.path.isdir(args.root) and not (args.download and args.dataset in TORCHVISION):
-        raise FileNotFoundError(f"--root {args.root} is not a folder")
+    else:
+        models.check_out(args.out, [args.root], "--root")
+        if not os.path.isdir(args.root) and not (args.download and args.dataset in TORCHVISION):
+            raise FileNotFoundError(f"--root {args.root} is not a folder")
 
 
 REBUILD = ".rebuild"  # an --overwrite build, beside the dataset it replaces once complete
@@ -1539,7 +1470,7 @@ def swap_in(build, out):
     """Replace OUT's dataset by the complete one in `build` (its meta.json written): OUT's
     meta.json goes first, so that OUT is not a dataset while its files are replaced, and the
     build's meta.json comes last. Every build writes every file of PREPARED_FILES, and each
-    step can be repeated, so a run killed here is finished by the next (finish_swap)."""
+    step can be repeated, so a run killed here is finished by the next (see main)."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "meta.json"))
     for name in PREPARED_FILES:
@@ -1548,23 +1479,17 @@ def swap_in(build, out):
     shutil.rmtree(build)
 
 
-def finish_swap(out):
-    """Finish the swap of a complete --overwrite build that a killed run left in OUT/.rebuild."""
-    build = os.path.join(out, REBUILD)
-    if os.path.exists(os.path.join(build, "meta.json")):
-        print(f"finishing the replacement of {out} by the complete rebuild in {build}", flush=True)
-        swap_in(build, out)
-
-
 def main(args, stop_after=None):
     check_args(args)
     with models.folder_lock(args.out):
         if args.dataset == "demo":
             make_demo(args.out, seed=args.seed)
-            print(f"demo: raw folders written to {args.out}/chexpert, {args.out}/mimic-cxr-jpg, "
-                  f"{args.out}/tuberculosis", flush=True)
+            print0(f"demo: raw folders written to {args.out}/chexpert, {args.out}/mimic-cxr-jpg, "
+                   f"{args.out}/tuberculosis")
             return None
-        finish_swap(args.out)
+        if os.path.exists(os.path.join(args.out, REBUILD, "meta.json")):   # a killed run's complete rebuild
+            print0(f"finishing the replacement of {args.out} by the complete rebuild in {args.out}/{REBUILD}")
+            swap_in(os.path.join(args.out, REBUILD), args.out)
         build = args.out
         if os.path.exists(os.path.join(args.out, "meta.json")):
             if args.dry_run:
@@ -1594,10 +1519,9 @@ def prepare(args, out, stop_after=None):
     meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
             "pipeline": spec.pipeline, "split_by": args.split_by}
     if args.dry_run:
-        write_labels_csv(os.path.join(out, "labels.csv"), table, labels)
+        write_labels_csv(out, table, labels)
         report(table, labels, out)
-        print(f"dry run: metadata only, no image converted; {out} is not a prepared dataset (no meta.json)",
-              flush=True)
+        print0(f"dry run: metadata only, no image converted; {out} is not a prepared dataset (no meta.json)")
         return table
     if raw.images is not None:                 # CIFAR: pixels already in memory
         images = raw.images[table.index.to_numpy()]
@@ -1610,32 +1534,41 @@ def prepare(args, out, stop_after=None):
                       {**meta, "orig_size": list(raw.images.shape[1:3]), "counts": counts(table)})
         return table
     table = table.reset_index(drop=True)
-    refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"]) if not is_inside(f, raw.base)}
+    root = os.path.realpath(raw.base)
+    refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"])
+               if os.path.commonpath([os.path.realpath(f), root]) != root}
     state = convert_all(table, out, size, channels, args.workers, refused, stop_after)
     if not state.done.all():
-        print(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue", flush=True)
+        print0(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue")
         return None
+    rejected = write_rejects(state, table, out, args)
+    compact(state, ~rejected, out)
+    kept = table[~rejected].reset_index(drop=True)
+    write_labels_csv(out, kept, labels)
+    report(kept, labels, out)
+    write_meta(out, {**meta, "orig_size": [int(v) for v in np.median(state.orig[~rejected], axis=0)],
+                     "counts": {**counts(kept), "rejected": int(rejected.sum()), "dropped": dropped}})
+    shutil.rmtree(state.dir, ignore_errors=True)
+    return kept
+
+
+def write_rejects(state, table, out, args):
+    """rejects.csv, and a one-line error when more images were rejected than --max-rejects
+    (--strict: any) allows; returns the rejected rows' mask."""
     rejected = np.zeros(len(table), bool)
     rejected[list(state.rejects)] = True
-    rejects = pd.DataFrame({"path": table["path"][rejected], "reason": [state.rejects[i][0] for i in np.flatnonzero(rejected)]})
+    rejects = pd.DataFrame({"path": table["path"][rejected],
+                            "reason": [state.rejects[i][0] for i in np.flatnonzero(rejected)]})
     write_csv(os.path.join(out, "rejects.csv"), rejects)
     for r in rejects.head(20).itertuples():
-        print(f"reject: {r.path}: {r.reason}", flush=True)
+        print0(f"reject: {r.path}: {r.reason}")
+    print0(f"rejects: {int(rejected.sum())} of {len(table)} images (list in {out}/rejects.csv)")
     limit = 0 if args.strict else args.max_rejects
-    print(f"rejects: {int(rejected.sum())} of {len(table)} images (list in {out}/rejects.csv)", flush=True)
     if rejected.mean() > limit:
         raise UserError(f"{int(rejected.sum())} of {len(table)} images rejected ({rejected.mean():.2%} > "
                         f"{'--strict' if args.strict else f'--max-rejects {limit:.2%}'}); see {out}/rejects.csv. "
                         "Nothing is lost: fix or allow them and run again")
-    keep = ~rejected
-    compact(state, keep, out)
-    kept = table[keep].reset_index(drop=True)
-    write_labels_csv(os.path.join(out, "labels.csv"), kept, labels)
-    report(kept, labels, out)
-    write_meta(out, {**meta, "orig_size": [int(v) for v in np.median(state.orig[keep], axis=0)],
-                     "counts": {**counts(kept), "rejected": int(rejected.sum()), "dropped": dropped}})
-    shutil.rmtree(state.dir, ignore_errors=True)
-    return kept
+    return rejected
 
 
 if __name__ == "__main__":
