@@ -702,17 +702,24 @@ def batch_loader(dataset, batch_sampler, workers, device):
         prefetch_factor=4 if workers else None)
 
 
-def to_model_input(images, out_size=None, channels_last=False, norm="bit"):
-    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out), normalised with
-    INPUT_NORMS[norm]. Grayscale is repeated to 3 channels so that natural-image weights apply
-    unchanged (with "imagenet" each channel then gets its own mean / std)."""
+def to_model_input(images, out_size=None, channels_last=False, norm="bit", scale=None, chest=False):
+    """uint8 (N, H, W, C) with C in {1, 3} -> float (N, 3, out, out): x / 255, times the per-image
+    `scale` (N,) where given (prepare_data's labels.csv column, e.g. PadChest's value / 65535),
+    normalised with INPUT_NORMS[norm]. Grayscale is repeated to 3 channels so that natural-image
+    weights apply unchanged: with chest=False each channel then takes its own mean / std (the
+    authors' BiT pipeline, torchvision's Normalize of an image loaded as RGB); with chest=True
+    all three take the first channel's (their chest Normalize, applied before the repeat)."""
     if norm not in INPUT_NORMS:
         raise UserError(f"unknown input normalisation {norm!r}; choose from {', '.join(INPUT_NORMS)}")
     x = images.permute(0, 3, 1, 2).float()
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
+        if chest:
+            mean, std = mean[:, :1].expand_as(mean), std[:, :1].expand_as(std)
+    if scale is not None:
+        x = x * scale.to(x.device, x.dtype).view(-1, 1, 1, 1)
     # (x / 255 - mean) / std as x / (255 std) - mean / std: for "bit" that is x / 127.5 - 1.
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in INPUT_NORMS[norm])
     x = x / (255 * std) - mean / std
     if out_size is not None and x.shape[-1] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
@@ -727,17 +734,20 @@ CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "re
 
 
 def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, hflip=True,
-                  crop_area=None, padding="zeros", generator=None):
+                  crop_area=None, padding="zeros", generator=None, aspect=None):
     """One random affine per image, applied with a single grid_sample: a crop of `crop` of the side
-    at a random place (BiT's resize-then-random-crop), or with crop_area=(lo, hi) a crop of a
-    random share of the area in [lo, hi] and aspect ratio in [3/4, 4/3] (torchvision's
-    RandomResizedCrop, clamped to the image instead of re-drawn); rotation in [-rotate, rotate]
-    degrees, translation up to `translate` of the side, zoom in [1-scale, 1+scale] and a
-    horizontal flip with probability 1/2. Outside the image: padding="zeros" fills black (-1 for
-    [-1, 1] inputs); "reflection" mirrors the image at its border, as albumentations does by
-    default. (That is cv2's BORDER_REFLECT_101, which mirrors about the edge pixel's centre;
-    grid_sample mirrors about the pixel's outer edge, BORDER_REFLECT: half a pixel further out,
-    below what a 45-degree rotation and bilinear resampling resolve.)"""
+    at a random place (BiT's resize-then-random-crop; with `aspect` (N,), the original width /
+    height of images stored squashed, `crop` of the shorter side and as much of the longer, in
+    the original's proportions: the authors' Resize(shorter side) then square RandomCrop), or
+    with crop_area=(lo, hi) a crop of a random share of the area in [lo, hi] and aspect ratio in
+    [3/4, 4/3] (torchvision's RandomResizedCrop, clamped to the image instead of re-drawn);
+    rotation in [-rotate, rotate] degrees, translation up to `translate` of the side, zoom in
+    [1-scale, 1+scale] and a horizontal flip with probability 1/2. Outside the image:
+    padding="zeros" fills black (-1 for [-1, 1] inputs); "reflection" mirrors the image at its
+    border, as albumentations does by default. (That is cv2's BORDER_REFLECT_101, which mirrors
+    about the edge pixel's centre; grid_sample mirrors about the pixel's outer edge,
+    BORDER_REFLECT: half a pixel further out, below what a 45-degree rotation and bilinear
+    resampling resolve.)"""
     n, dev = x.shape[0], x.device
 
     def uniform(lo, hi):
@@ -749,6 +759,9 @@ def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, h
     flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
     if crop_area is None:
         width = height = torch.full((n,), float(crop), device=dev)
+        if aspect is not None:
+            aspect = aspect.to(dev, torch.float32)
+            width, height = width / aspect.clamp(min=1), height * aspect.clamp(max=1)
     else:
         area, ratio = uniform(*crop_area), torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
         width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
@@ -846,12 +859,12 @@ def predict(model, batches, dtype="fp32", features=False):
 def predict_dataset(model, dataset, to_input, batch_size, env, dtype="fp32", workers=0, features=False):
     """Outputs (logits, or pre-logit features) and targets of every row of `dataset` in order, on
     every rank: rank r predicts rows r, r + W, ... with the bare module (so that ranks may predict
-    different numbers of batches) and the parts are gathered. `to_input` turns a uint8 batch on
-    the device into model input."""
+    different numbers of batches) and the parts are gathered. `to_input(images, scale)` turns a
+    uint8 batch on the device and its intensity scales into model input."""
     rows = np.arange(env.rank, len(dataset), env.world_size)
     batches = [rows[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
-    inputs = ((to_input(x.to(env.device, non_blocking=True)), y)
-              for x, y in batch_loader(dataset, batches, workers, env.device))
+    inputs = ((to_input(x.to(env.device, non_blocking=True), scale), y)
+              for x, y, scale in batch_loader(dataset, batches, workers, env.device))
     if batches:
         out, targets = predict(unwrap(model), inputs, dtype, features)
     else:  # more ranks than rows

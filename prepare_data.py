@@ -8,11 +8,15 @@
 
 A prepared dataset is a folder, read by `torchrun pretrain.py` / `transfer.py` on any number of GPUs:
     images.npy       uint8 array (N, S, S, C), C = 1 (X-rays) or 3 (natural images), memory-mapped
-    labels.csv       row i describes images[i]: path, patient, view, split (train/valid/test), then one
-                     column per label holding 1, 0 or empty (unknown; masked in the loss)
+    labels.csv       row i describes images[i]: path, patient, view, split (train/valid/test), the
+                     optional ROW_COLUMNS (scale, aspect), then one column per label holding 1, 0 or
+                     empty (unknown; masked in the loss). Rows are in the authors' dataset order
+                     (where they split at random: their shuffled order, train first)
     meta.json        name, size, channels, labels, task (multilabel | multiclass), orig_size (median
                      original [H, W], for the BiT-HyperRule), counts, pipeline (transfer.py's input
-                     pipeline: bit | chest), split_by; written last: a folder without it is not a dataset
+                     pipeline: bit | chest), geometry (crop | squash), shot_rule (transfer.py's
+                     k-shot rule: per_class | loader), split_by; written last: a folder without it
+                     is not a dataset
     rejects.csv      files that could not be prepared, with the reason
     label_stats.csv  positive / negative / masked counts per label and split
 Conversion is resumable: the work in progress lives in OUT/.work.
@@ -23,8 +27,13 @@ BitsStored (PadChest) else 16; DICOM the range of BitsStored (and PixelRepresent
 the modality LUT (RescaleSlope/Intercept), MONOCHROME1 inverted. DICOM windows are not applied:
 they are vendors' display presets that would clip, and the public datasets' PNG/JPEG exports
 keep the full range too. Colour becomes grayscale (ITU-R 601 luma) for X-rays, RGB for natural
-images. (2) A center crop to the square of the shorter side, resized to --size by Pillow's
-bilinear filter, antialiased (JPEGs at least twice the target are DCT-downscaled first).
+images. PadChest is stored full range too; by default the model reads it as the authors did,
+value / 65535 (labels.csv `scale`, see --intensity). (2) Sources and the chest pipeline: a centre
+crop to the square of the shorter side (the authors' XRayCenterCrop); targets of the BiT
+pipeline (Spec.target): the whole image squashed, its width / height in labels.csv `aspect`
+(transfer.py crops it as the authors' Resize(512) + RandomCrop(480), and evaluates the squash,
+their Resize((480, 480))). Resized to --size by Pillow's bilinear filter, antialiased (JPEGs at
+least twice the target are DCT-downscaled first).
 """
 import ast
 import concurrent.futures
@@ -51,6 +60,10 @@ import models
 from models import UserError, print0
 
 META_COLUMNS = ["path", "patient", "view", "split"]
+# Optional per-row numbers of labels.csv and their value where a folder has none: scale, the
+# model input is stored / 255 x scale (PadChest: the authors' value / 65535); aspect, the original
+# width / height of an image stored squashed.
+ROW_COLUMNS = {"scale": 1.0, "aspect": 1.0}
 SPLITS = ["train", "valid", "test"]
 
 
@@ -104,7 +117,7 @@ def write_csv(path, table):
 
 
 def write_labels_csv(out, table, labels):
-    out_table = table[META_COLUMNS].copy()
+    out_table = table[META_COLUMNS + [c for c in ROW_COLUMNS if c in table]].copy()
     for label in labels:   # 1, 0 or empty
         out_table[label] = table[label].astype("Float64").round().astype("Int64")
     write_csv(os.path.join(out, "labels.csv"), out_table)
@@ -158,6 +171,10 @@ def read_labels_csv(folder, labels, multiclass=False):
     path = os.path.join(folder, "labels.csv")
     t = read_table(path, dtype=str, keep_default_na=False)
     require_columns(t, META_COLUMNS + list(labels), path)
+    for column in [c for c in ROW_COLUMNS if c in t]:
+        t[column] = pd.to_numeric(t[column], errors="coerce")
+        if not (t[column] > 0).all():
+            raise UserError(f"{path} line {first_true(~(t[column] > 0)) + 2} column {column!r}: not a positive number")
     for label in labels:
         t[label] = check_codes(t[label], {0.0, 1.0}, path, label).astype(np.float64)
         if multiclass and t[label].isna().any():
@@ -193,8 +210,9 @@ def validation_split(table):
 class PreparedDataset(torch.utils.data.Dataset):
     """Rows of one split ("train" / "valid" / "test", None: all) of a prepared folder, of the
     given views only (None: all; a folder holds every view a recipe may need). Indexing returns
-    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown); `__getitems__` reads a
-    whole batch with one fancy index into the memory map."""
+    (uint8 tensor (S, S, C), float32 targets (L,) with NaN = unknown, float32 intensity scale);
+    `__getitems__` reads a whole batch with one fancy index into the memory map. `scale` and
+    `aspect` hold ROW_COLUMNS per row of the table (index them with `rows`)."""
 
     def __init__(self, folder, split=None, views=None):
         self.folder, self.meta = folder, read_meta(folder)
@@ -207,16 +225,21 @@ class PreparedDataset(torch.utils.data.Dataset):
             keep = keep & self.table["view"].isin(views).to_numpy()  # pandas may hand back a read-only array
         self.rows = np.flatnonzero(keep)
         self.targets = self.table[self.labels].to_numpy(np.float32)[self.rows]
+        self.scale, self.aspect = (self.table[c].to_numpy(np.float32) if c in self.table else
+                                   np.full(len(self.table), default, np.float32) for c, default in ROW_COLUMNS.items())
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.images[self.rows[i]])), torch.from_numpy(self.targets[i])
+        images, targets, scale = self.__getitems__([i])
+        return images[0], targets[0], scale[0]
 
     def __getitems__(self, indices):
         indices = np.asarray(indices)
-        return torch.from_numpy(self.images[self.rows[indices]]), torch.from_numpy(self.targets[indices])
+        rows = self.rows[indices]
+        return (torch.from_numpy(self.images[rows]), torch.from_numpy(self.targets[indices]),
+                torch.from_numpy(self.scale[rows]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,8 +336,8 @@ class Raw(NamedTuple):
     """What a parser read. table: path (as in the dataset, relative to `base`), patient, view
     (raw value), split ("train" / "valid" / "test" where the dataset says, "" = to assign),
     optional group (rows split separately per group, e.g. per folder), optional bits (PadChest
-    BitsStored), optional drop (a reason: the row counts for the split, then is dropped), and
-    either the label columns (multilabel) or one `label` column of class names (multiclass).
+    BitsStored) and ROW_COLUMNS, and either the label columns (multilabel) or one `label`
+    column of class names (multiclass).
     labels: the label columns, or the classes in order (None: sorted)."""
     table: pd.DataFrame
     labels: list = None
@@ -496,8 +519,10 @@ def parse_padchest_list(cell):
 
 def parse_padchest(args):
     """PadChest: the labels CSV and 16-bit PNGs in folders ImageDir (0..54). No official split.
-    Rows as the paper's: Labels present and not in PADCHEST_PAPER_EXCLUDED; an empty or
-    unreadable label list counts for the split, then is dropped."""
+    Rows as the authors' padchest.py keeps them: Labels not null and not in
+    PADCHEST_PAPER_EXCLUDED (finish() keeps the views); an empty list ([], ['']) is a row with
+    every label 0, and a cell that is not a list literal is matched as raw text, as their
+    substring match on the cell does. `scale` reads the full-range store as --intensity says."""
     csv = os.path.join(args.root, PADCHEST_CSV)
     t = read_table(csv, low_memory=False, dtype={"ImageID": str, "PatientID": str, "ImageDir": str,
                                                  "Projection": str, "Labels": str})
@@ -508,15 +533,17 @@ def parse_padchest(args):
     dropped = {"no Labels": int(t["Labels"].isna().sum()),
                "excluded by the paper": int((t["Labels"].notna().to_numpy() & excluded).sum())}
     lines = np.arange(len(t))[keep] + 2
-    t, bits = t[keep].reset_index(drop=True), bits[keep].reset_index(drop=True)
+    t, bits = t[keep].reset_index(drop=True), bits[keep].fillna(16).astype(int).reset_index(drop=True)
     lists = [parse_padchest_list(c) for c in t["Labels"]]
     if None in lists:
-        print0(f"padchest: {csv} line {lines[lists.index(None)]} column 'Labels' is not a list literal (row dropped)")
+        print0(f"padchest: {csv} line {lines[lists.index(None)]} column 'Labels' is not a list literal "
+               f"({lists.count(None)} rows; their labels are matched in the raw text)")
+    # The authors read value / 65535: a 12-bit image reaches the model at most 4095 / 65535.
+    scale = (2.0 ** bits - 1) / 65535 if args.intensity == "paper" else 1.0
     table = pd.DataFrame({
         "path": t["ImageDir"].astype(str).str.replace(r"\.0$", "", regex=True) + "/" + t["ImageID"],
-        "patient": t["PatientID"], "view": t["Projection"].fillna(""), "split": "", "bits": bits.fillna(16).astype(int),
-        "drop": ["Labels not a list literal" if ls is None else "empty label list" if not ls else "" for ls in lists]})
-    labels = padchest_labels([ls or [] for ls in lists])
+        "patient": t["PatientID"], "view": t["Projection"].fillna(""), "split": "", "bits": bits, "scale": scale})
+    labels = padchest_labels([[cell] if ls is None else ls for ls, cell in zip(lists, t["Labels"])])
     return Raw(pd.concat([table, labels], axis=1), list(labels.columns), args.root, dropped)
 
 
@@ -730,6 +757,10 @@ class Spec(NamedTuple):
     paper_renames: dict = {}  # --split-by paper: official split -> the paper's use of it
     image_split: bool = False  # --split-by paper splits over images (RandomState(42)), not patients
     pipeline: str = "bit"     # transfer.py's input pipeline for it as a target: bit | chest
+    # A target the authors read as a torchvision dataset of PIL images: stored squashed with its
+    # aspect (their bit transforms), k-shot subsets by their loader rule (fs.find_fewshot_indices);
+    # else centre-cropped, and the per-class rule of their datasets that carry a labels array.
+    target: bool = False
 
 
 DATASETS = {
@@ -743,18 +774,18 @@ DATASETS = {
     "padchest": Spec(parse_padchest, "multilabel", 1, 512, 0.1, (0, 0.1), True,
                      "random 90/10 over images, seed 42; the held-out part is the target's test "
                      "and the source's validation", image_split=True, pipeline="chest"),
-    "covidx": Spec(parse_covidx, "multiclass", 1, 512, 0, (0, 0), False, "official train / test"),
+    "covidx": Spec(parse_covidx, "multiclass", 1, 512, 0, (0, 0), False, "official train / test", target=True),
     "tuberculosis": Spec(parse_tuberculosis, "multiclass", 1, 512, 0.15, (0, 0), False,
-                         "random 85/15 per folder (Shenzhen, Montgomery), seed 42", image_split=True),
-    "cifar10": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test"),
-    "cifar100": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test"),
+                         "random 85/15 per folder (Shenzhen, Montgomery), seed 42", image_split=True, target=True),
+    "cifar10": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", target=True),
+    "cifar100": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", target=True),
     "flowers102": Spec(parse_flowers102, "multiclass", 3, 512, 0, (0, 0), False,
                        "trains on the official test set (6,149), tests on train + val (2,040)",
-                       paper_renames={"train": "test", "valid": "test", "test": "train"}),
-    "pets": Spec(parse_pets, "multiclass", 3, 512, 0, (0, 0), False, "official trainval / test"),
+                       paper_renames={"train": "test", "valid": "test", "test": "train"}, target=True),
+    "pets": Spec(parse_pets, "multiclass", 3, 512, 0, (0, 0), False, "official trainval / test", target=True),
     "imagenet": Spec(parse_imagenet, "multiclass", 3, 256, 0, (0, 0), False, "official train / val"),
     "imagefolder": Spec(parse_imagefolder, "multiclass", 3, 512, 0.15, (0.1, 0.1), False,
-                        "split folders if present, else by image"),
+                        "split folders if present, else by image", target=True),
     "csv": Spec(parse_csv, "multilabel", 1, 512, 0.15, (0.1, 0.1), False,
                 "the csv's split column if present, else by patient"),
 }
@@ -773,25 +804,31 @@ def patient_split(patients, name, fraction, seed):
 
 def image_split(n, test_fraction, seed=PAPER_SEED):
     """The paper's random split over images (its padchest.py and tuberculosis.py): the row
-    indices shuffled by np.random.RandomState(seed), the first int(n * (1 - test)) are train."""
+    indices shuffled by np.random.RandomState(seed), the first int(n * (1 - test)) are train.
+    Returns (split per row, the shuffled indices: the authors' order, their train set then test)."""
     order = np.arange(n)
     np.random.RandomState(seed).shuffle(order)
     split = np.full(n, "test", dtype=object)
     split[order[:int(n * (1 - test_fraction))]] = "train"
-    return split
+    return split, order
 
 
 def assign_splits(t, spec, args, test_fraction, valid_fraction):
     """The dataset's own split where it says one; the rest held out as test, over images per
     group where the paper did so (--split-by paper), else by patient; the paper's renames of
-    official splits; then the validation carve-out from train, by patient."""
+    official splits; then the validation carve-out from train, by patient. Returns (split per
+    row, row order): the authors' dataset order where they split over images (per group, in
+    turn, their shuffled order; transfer's k-shot subsets depend on it), else the table's."""
     todo = (t["split"] == "").to_numpy()
-    split = t["split"].to_numpy().copy()
+    split, order = t["split"].to_numpy().copy(), np.arange(len(t))
     if todo.any() and args.split_by == "paper" and spec.image_split:
         groups = (t["group"] if "group" in t else pd.Series("", index=t.index)).to_numpy()
+        order = [np.flatnonzero(~todo)]
         for g in sorted(set(groups[todo])):
             rows = np.flatnonzero(todo & (groups == g))
-            split[rows] = image_split(len(rows), test_fraction)
+            split[rows], shuffled = image_split(len(rows), test_fraction)
+            order.append(rows[shuffled])
+        order = np.concatenate(order)
     elif todo.any():
         split[todo] = patient_split(t["patient"][todo].to_numpy(), "test", test_fraction, args.seed)
     if args.split_by == "paper":
@@ -799,7 +836,7 @@ def assign_splits(t, spec, args, test_fraction, valid_fraction):
     if valid_fraction:
         train = split == "train"
         split[train] = patient_split(t["patient"][train].to_numpy(), "valid", valid_fraction, args.seed)
-    return split
+    return split, order
 
 
 def drop_listed_twice(table, dropped):
@@ -819,9 +856,9 @@ def drop_listed_twice(table, dropped):
 
 
 def finish(raw, spec, args):
-    """A parser's Raw -> (table, labels, dropped): views harmonised and filtered, splits assigned,
-    rows marked for dropping removed, classes one-hot, `file` joined to the base folder. The
-    table's index is the row of `raw.table` (CIFAR's in-memory images follow it)."""
+    """A parser's Raw -> (table, labels, dropped): views harmonised and filtered, splits assigned
+    and rows in the order assign_splits gives, classes one-hot, `file` joined to the base folder.
+    The table's index is the row of `raw.table` (CIFAR's in-memory images follow it)."""
     dropped = dict(raw.dropped)
     t = drop_listed_twice(raw.table.copy(), dropped)
     if spec.views:
@@ -833,11 +870,8 @@ def finish(raw, spec, args):
     test_fraction = spec.test_fraction if args.test_fraction is None else args.test_fraction
     valid_fraction = spec.valid_fraction[SPLIT_RULES.index(args.split_by)] if args.valid_fraction is None \
         else args.valid_fraction
-    t["split"] = assign_splits(t, spec, args, test_fraction, valid_fraction)
-    if "drop" in t:
-        for reason in sorted(set(t["drop"]) - {""}):
-            dropped[reason] = int((t["drop"] == reason).sum())
-        t = t[t["drop"] == ""]
+    t["split"], order = assign_splits(t, spec, args, test_fraction, valid_fraction)
+    t = t.iloc[order]
     if t.empty:
         raise UserError("no image left to prepare (check --views and the label files)")
     for name, asked in (("train", True), ("test", test_fraction > 0), ("valid", valid_fraction > 0)):
@@ -925,8 +959,9 @@ def decode_pillow(path, channels, size, bits=None):
         return np.asarray(img.convert("L" if channels == 1 else "RGB")), orig
 
 
-def load_image(path, size, channels, bits=None):
-    """One file -> (uint8 (size, size, channels), original (H, W)). Raises on unreadable input."""
+def load_image(path, size, channels, bits=None, squash=False):
+    """One file -> (uint8 (size, size, channels), original (H, W)): the centre square, or with
+    squash=True the whole image, resized. Raises on unreadable input."""
     dicom = path.lower().endswith((".dcm", ".dicom"))
     if not dicom:
         with open(path, "rb") as f:
@@ -935,7 +970,8 @@ def load_image(path, size, channels, bits=None):
     h, w = pixels.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=(left, top, left + s, top + s)))
+    box = (0, 0, w, h) if squash else (left, top, left + s, top + s)
+    out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=box))
     return (out[..., None] if out.ndim == 2 else out), (int(orig[0]), int(orig[1]))
 
 
@@ -951,11 +987,11 @@ def reject_reason(e):
 # ----------------------------------------------------------------------------------------
 # Parallel, resumable conversion into OUT/.work, then compaction into the prepared folder
 
-_worker = {}   # in a decoding process: the work array (memory-mapped), size, channels
+_worker = {}   # in a decoding process: the work array (memory-mapped), size, channels, squash
 
 
-def _init_worker(images_path, size, channels):
-    _worker.update(images=np.load(images_path, mmap_mode="r+"), size=size, channels=channels)
+def _init_worker(images_path, size, channels, squash):
+    _worker.update(images=np.load(images_path, mmap_mode="r+"), size=size, channels=channels, squash=squash)
 
 
 def _init_pool_worker(*args):
@@ -968,7 +1004,7 @@ def _convert(tasks):
     results = []
     for i, file, bits in tasks:
         try:
-            pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits)
+            pixels, orig = load_image(file, _worker["size"], _worker["channels"], bits, _worker["squash"])
         except Exception as e:  # a file that fails is a reject, never a crash of the run
             results.append((i, None, reject_reason(e)))
         else:
@@ -991,12 +1027,12 @@ class WorkState:
     rejects.json ({row: [reason, file stamp]}) and plan.json (what the work is for; another plan
     starts afresh). A row counts as converted only once the done-mask saying so is on disk."""
 
-    def __init__(self, out, files, size, channels):
+    def __init__(self, out, files, size, channels, squash=False):
         self.dir = os.path.join(out, ".work")
         self.images_path = os.path.join(self.dir, "images.npy")
         shape = (len(files), size, size, channels)
         plan = {"n": len(files), "size": size, "channels": channels,
-                "files": hashlib.sha1("\n".join(files).encode()).hexdigest()}
+                "files": hashlib.sha1("\n".join(files).encode()).hexdigest(), "squash": squash}
         old = None
         if os.path.exists(os.path.join(self.dir, "plan.json")):
             with open(os.path.join(self.dir, "plan.json")) as f:
@@ -1064,21 +1100,21 @@ def pool_results(todo, workers, init_args):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def convert_all(table, out, size, channels, workers, refused=None, stop_after=None):
+def convert_all(table, out, size, channels, workers, refused=None, stop_after=None, squash=False):
     """Convert every row of `table` (columns file, optional bits) not yet done; resumable.
     `refused` ({row: reason}) are rejected without being read. `stop_after` (tests) stops after
-    that many new images, as an interruption would."""
+    that many new images, as an interruption would. squash: see load_image."""
     files = table["file"].tolist()
     bits = table["bits"].tolist() if "bits" in table else [None] * len(files)
-    state = WorkState(out, files, size, channels)
+    state = WorkState(out, files, size, channels, squash)
     state.refresh(files, refused or {})
     todo = [(int(i), files[i], None if bits[i] is None else int(bits[i])) for i in np.flatnonzero(~state.done)]
     if state.done.any():
         print0(f"resume: {int(state.done.sum())} of {len(files)} images already converted")
     if workers > 1:
-        results = pool_results(todo, workers, (state.images_path, size, channels))
+        results = pool_results(todo, workers, (state.images_path, size, channels, squash))
     else:
-        _init_worker(state.images_path, size, channels)
+        _init_worker(state.images_path, size, channels, squash)
         results = (result for task in todo for result in _convert([task]))
     n, t0, last_save, new = len(files), time.time(), time.time(), 0
     bar = models.progress(n, int(state.done.sum()))
@@ -1161,8 +1197,10 @@ def merge(inputs, out, label_mode="intersection"):
             t["split"] = t["split"].replace({"test": "valid"})
         for label in labels:
             t[label] = t[label] if label in t else np.nan
-        tables.append(t[META_COLUMNS + labels])
+        tables.append(t[META_COLUMNS + [c for c in ROW_COLUMNS if c in t] + labels])
     table = pd.concat(tables, ignore_index=True)
+    for column in [c for c in ROW_COLUMNS if c in table]:   # e.g. PadChest's scale; the default for the others
+        table[column] = table[column].fillna(ROW_COLUMNS[column])
     size, channels = metas[0]["size"], metas[0]["channels"]
     os.makedirs(out, exist_ok=True)
     write_images(os.path.join(out, "images.npy"), (len(table), size, size, channels),
@@ -1424,6 +1462,10 @@ def get_args_parser():
                    help="CheXpert/MIMIC/csv uncertain (-1) labels: ignore = unknown (masked), or map to 1 / 0")
     p.add_argument("--blank", choices=["ignore", "zeros"], default="ignore",
                    help="CheXpert/MIMIC blank (not mentioned) labels: unknown (masked) or 0")
+    p.add_argument("--intensity", choices=["paper", "bits-stored"], default="paper",
+                   help="PadChest's 16-bit PNGs, stored full range [0, 2^BitsStored - 1] either way: paper: the model "
+                        "reads them as the authors did, value / 65535 (a 12-bit image stays dark; labels.csv column "
+                        "scale); bits-stored: [0, 2^BitsStored - 1] -> [0, 1]")
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
@@ -1517,7 +1559,9 @@ def prepare(args, out, stop_after=None):
     models.save_args(out, args)
     channels, size = args.channels or spec.channels, args.size or spec.size
     meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
-            "pipeline": spec.pipeline, "split_by": args.split_by}
+            "pipeline": spec.pipeline, "geometry": "squash" if spec.target else "crop",
+            "shot_rule": "loader" if spec.target else "per_class", "split_by": args.split_by,
+            **({"intensity": args.intensity} if "scale" in table else {})}
     if args.dry_run:
         write_labels_csv(out, table, labels)
         report(table, labels, out)
@@ -1537,12 +1581,14 @@ def prepare(args, out, stop_after=None):
     root = os.path.realpath(raw.base)
     refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"])
                if os.path.commonpath([os.path.realpath(f), root]) != root}
-    state = convert_all(table, out, size, channels, args.workers, refused, stop_after)
+    state = convert_all(table, out, size, channels, args.workers, refused, stop_after, spec.target)
     if not state.done.all():
         print0(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue")
         return None
     rejected = write_rejects(state, table, out, args)
     compact(state, ~rejected, out)
+    if spec.target:   # width / height of each squashed image, for transfer.py's crops
+        table["aspect"] = np.round(state.orig[:, 1] / np.maximum(state.orig[:, 0], 1), 4)
     kept = table[~rejected].reset_index(drop=True)
     write_labels_csv(out, kept, labels)
     report(kept, labels, out)

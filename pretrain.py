@@ -63,11 +63,13 @@ RECIPES = {
     # BiT's upstream ImageNet recipe (Kolesnikov et al. 2019) with the chest augmentation
     "bit": dict(_CHEST, batch_size=4096, lr=0.03, warmup_epochs=None, warmup_steps=5000,
                 warmup_from=0.0, agc=0.0, shift=0.1, padding="zeros", views=None),
-    # the paper's own ImageNet sources: 32 x 64 GPUs, RandomResizedCrop 224 + flip, ImageNet
-    # mean / std, evaluation resize 256 / centre crop 224
+    # the paper's own ImageNet sources (configs/imagenet*_bit*.yaml, 64 GPUs): RandomResizedCrop
+    # 224 + flip, ImageNet mean / std, evaluation resize 256 / centre crop 224; R50x1 32 images a
+    # GPU, R152x4 16; plain SGD for ImageNet-1k R50x1, SGD_AGC for the others
     "imagenet1k-r50x1": _IMAGENET,
-    "imagenet1k-r152x4": dict(_IMAGENET, lr=0.03, agc=0.01),
-    "imagenet21k": dict(_IMAGENET, lr=0.01, agc=0.01, warmup_epochs=2),
+    "imagenet1k-r152x4": dict(_IMAGENET, batch_size=1024, lr=0.03, warmup_epochs=15, agc=0.01),
+    "imagenet21k-r50x1": dict(_IMAGENET, lr=0.01, warmup_epochs=2, agc=0.01),
+    "imagenet21k-r152x4": dict(_IMAGENET, batch_size=1024, lr=0.01, warmup_epochs=2, agc=0.01),
 }
 # Arguments that do not change the trained weights: a resume may change them freely (the data
 # order and gradients do not depend on the split of the global batch into accum_steps).
@@ -87,8 +89,8 @@ def get_args_parser():
     add("--out", required=True, help="output folder (args.json, checkpoint.pt, best.pt, model.pt)")
     add("--model", default="R50x1", help=f"one of {', '.join(models.MODEL_NAMES)}")
     add("--recipe", choices=list(RECIPES), default="paper",
-        help="paper: the paper's chest recipe; bit: BiT's upstream recipe; imagenet1k-r50x1, "
-             "imagenet1k-r152x4, imagenet21k: the paper's ImageNet recipes (values: RECIPES in pretrain.py)")
+        help="paper: the paper's chest recipe; bit: BiT's upstream recipe; imagenet1k-r50x1, imagenet1k-r152x4, "
+             "imagenet21k-r50x1, imagenet21k-r152x4: the paper's ImageNet recipes (values: RECIPES in pretrain.py)")
     add("--init", default=None, metavar="PATH",
         help="start from these weights (official BiT .npz or a checkpoint) instead of from scratch; "
              "the head starts at zero, the input normalisation is the weights' own")
@@ -204,7 +206,8 @@ def first_difference(saved, args, saved_labels, labels):
 
 class SourceDataset(torch.utils.data.Dataset):
     """One split of several prepared folders as one dataset, rows of the given views only (None:
-    all). Labels are the union in first-seen order; a label a folder lacks is unknown (NaN)."""
+    all). Labels are the union in first-seen order; a label a folder lacks is unknown (NaN).
+    Batches are (images, targets, intensity scales), as PreparedDataset's."""
 
     def __init__(self, folders, split, views=None):
         self.parts = [PreparedDataset(f, split, views=views) for f in folders]
@@ -231,11 +234,12 @@ class SourceDataset(torch.utils.data.Dataset):
         images = torch.empty((len(indices), self.meta["size"], self.meta["size"], self.meta["channels"]),
                              dtype=torch.uint8)
         targets = torch.full((len(indices), len(self.labels)), float("nan"))
+        scale = torch.empty(len(indices))
         for p in np.unique(which):
             rows = np.flatnonzero(which == p)
-            images[rows], targets[np.ix_(rows, self.columns[p])] = \
+            images[rows], targets[np.ix_(rows, self.columns[p])], scale[rows] = \
                 self.parts[p].__getitems__(indices[rows] - self.offsets[p])
-        return images, targets
+        return images, targets, scale
 
 
 def training_data(args, env):
@@ -261,22 +265,23 @@ def training_data(args, env):
     return train_set, sampler, None
 
 
-def augment(images, step, micro_batch, args):
-    """uint8 NHWC batch on the device -> augmented model input: the recipe's random crop, shift,
-    scale, rotation and flip in one resampling."""
+def augment(images, step, micro_batch, args, scale=None):
+    """uint8 NHWC batch on the device (and its intensity scales) -> augmented model input: the
+    recipe's random crop, shift, scale, rotation and flip in one resampling. Grey images are
+    normalised as the authors' chest transforms did for every X-ray source (chest=True)."""
     gen = torch.Generator(images.device).manual_seed(augmentation_seed(args.seed, step, micro_batch))
-    x = models.random_affine(models.to_model_input(images, norm=args.input_norm), args.image_size,
-                             rotate=args.rotate, translate=args.shift, scale=args.zoom, crop_area=args.crop_area,
-                             padding=args.padding, generator=gen)
+    x = models.random_affine(models.to_model_input(images, norm=args.input_norm, scale=scale, chest=True),
+                             args.image_size, rotate=args.rotate, translate=args.shift, scale=args.zoom,
+                             crop_area=args.crop_area, padding=args.padding, generator=gen)
     return x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
 
-def eval_input(images, args):
+def eval_input(images, args, scale=None):
     """uint8 NHWC batch on the device -> model input: the centre eval_crop of the side, resized."""
     keep = round(images.shape[1] * args.eval_crop)
     start = (images.shape[1] - keep) // 2
     return models.to_model_input(images[:, start:start + keep, start:start + keep], args.image_size,
-                                 args.channels_last, args.input_norm)
+                                 args.channels_last, args.input_norm, scale, chest=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,8 +364,8 @@ def resume(path, args, labels, model, optimizer, scaler):
 
 def validate(model, dataset, args, env, batch_size):
     """Loss and headline metrics on the whole dataset, each rank predicting a strided shard."""
-    logits, targets = models.predict_dataset(model, dataset, lambda x: eval_input(x, args), batch_size, env,
-                                             args.dtype, args.workers)
+    logits, targets = models.predict_dataset(model, dataset, lambda x, scale: eval_input(x, args, scale), batch_size,
+                                             env, args.dtype, args.workers)
     out = {"loss": models.loss_fn(torch.from_numpy(logits), torch.from_numpy(targets), dataset.multilabel).item()}
     return out | models.headline_metrics(logits, targets, dataset.multilabel)
 
@@ -435,8 +440,8 @@ def train(args, env):
                 save("checkpoint", optimizer=optimizer, scaler=scaler, best_loss=best_loss)
                 stopping = True
                 break
-            micro = [(augment(x.to(env.device, non_blocking=True), step, m * env.world_size + env.rank, args),
-                      y.to(env.device, non_blocking=True)) for m, (x, y) in enumerate(micro)]
+            micro = [(augment(x.to(env.device, non_blocking=True), step, m * env.world_size + env.rank, args, scale),
+                      y.to(env.device, non_blocking=True)) for m, (x, y, scale) in enumerate(micro)]
             wait += time.perf_counter() - t
             # -- set the lr; forward, loss and backward per micro-batch (DDP syncs gradients on the
             #    last one only), AGC, optimizer step: models.train_step

@@ -15,7 +15,8 @@ The study of Cherti & Jitsev (arXiv 2106.00116) as one recipe, in four stages:
   pretrain  every source x model with pretrain.py --recipe paper (ImageNet-1k with the paper's
             imagenet1k recipe when DATA/imagenet exists)
   transfer  fewshot.py --recipe paper: every target x model x source (scratch, the pre-trained
-            sources' best.pt, released ImageNet weights in DATA/weights) over shots x seeds
+            sources' best.pt, released ImageNet weights in DATA/weights) over shots x seeds;
+            not PadChest from padchest or chexpert_mimic_nih_padchest (validated on its test split)
   summary   fewshot.py --summarize: summary.csv / summary.md / fewshot.png, the paper's numbers beside
 
   (no DATA)  the demo: the same recipe scaled down (R14x0.5, 32 px, a few epochs and steps) on
@@ -248,6 +249,11 @@ for target in $TARGETS; do
         for entry in ${INITS[$model]}; do
             source=${entry%%=*} init=${entry#*=}
             name="$target $model $source ($n cells: shots $shots x seeds $SEEDS)"
+            # padchest validates on its held-out 10 % (merge renames it valid), which is the
+            # PadChest target's test split: its best.pt was chosen on those rows. The paper
+            # reports no such cell.
+            if [[ $target == padchest && $source == *padchest ]]; then
+                add transfer "$name" "skip: $source validated on padchest's test split, its best.pt chosen on the target's test rows (not in the paper)" ""; continue; fi
             add transfer "$name" run "$LAUNCH fewshot.py --data $P/$target --init $init --source $source \
 --source-size \$(source_size $source) --model $model --shots $shots --seeds $SEEDS --out $OUT \
 --recipe paper $extra $RECIPE_TRANSFER $TRANSFER_ARGS"

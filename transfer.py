@@ -16,9 +16,12 @@ clipping, lr 0.003, batch 512, a zero head). The lr is used as given whatever th
 in both codes. Schedule, MixUp and resolution follow the HyperRule (hyperrule()); --pipeline chest
 is the paper's PadChest target instead (224 px and the chest augmentation of pre-training).
 
-k-shot subsets are the paper's (select_shots): one RandomState(seed) shuffles each class's
-training rows in class order and the first k are kept; a class with fewer keeps all it has. So a
-subset is a function of (labels, k, seed), nested across k. Multi-label targets:
+k-shot subsets are the authors' two rules, as the target's meta.json shot_rule says: per_class
+(select_shots; PadChest): one RandomState(seed) shuffles each class's training rows in class
+order and the first k are kept, nested across k; loader (select_shots_loader; CIFAR, Pets,
+Flowers, COVIDx, Tuberculosis): one seeded shuffled pass, the last k seen of each class once
+every class has k. A class with fewer keeps all it has. The subsets equal the authors' where the
+training rows are in their dataset's order (prepare_data keeps it; README). Multi-label targets:
 --multilabel-mode single keeps the images with exactly one positive label and trains
 single-label (the paper's few-shot PadChest; results under TARGET_single), multi keeps >= k
 positives per label (select_shots_multilabel) and trains multi-label.
@@ -173,6 +176,30 @@ def select_shots(targets, k, seed):
         rng.shuffle(members)
         chosen.append(members[:k])
     return np.sort(np.concatenate(chosen))
+
+
+def loader_order(n, seed):
+    """The order in which the authors' few-shot search (fs.find_fewshot_indices) visits n rows:
+    torch's DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed)), whose
+    iterator first draws its base seed from the generator, then RandomSampler's randperm(n)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g).numpy()
+
+
+def select_shots_loader(targets, k, seed):
+    """Positions of k examples of every class of one-hot `targets`, sorted: the authors' rule for
+    their torchvision-style targets, a pass in loader_order(seed) until every class has k, the
+    last k seen of each class kept. A class with fewer keeps all it has (the authors' search
+    fails there). Not nested across k. k = 0 means all rows."""
+    if k == 0:
+        return np.arange(len(targets))
+    classes, order = np.asarray(targets).argmax(1), loader_order(len(targets), seed)
+    place = np.empty(len(order), int)
+    place[order] = np.arange(len(order))  # each row's place in the pass
+    members = [np.sort(place[classes == c]) for c in range(targets.shape[1])]
+    stop = max(m[k - 1] if len(m) >= k else len(order) for m in members)  # where every class has k
+    return np.sort(np.concatenate([order[m[m <= stop][-k:]] for m in members]))
 
 
 def select_shots_multilabel(targets, k, seed):
@@ -353,9 +380,11 @@ def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
             lam = mix.beta(cfg["mixup"], cfg["mixup"]) if cfg["mixup"] > 0 else 1.0
             micro = []
             for part in np.array_split(plan[step][env.rank::env.world_size], args.batch_split):
-                images, y = train.__getitems__(part)
-                x = models.to_model_input(images.to(env.device, non_blocking=True), cfg["resize"], norm=args.input_norm)
-                x = models.random_affine(x, cfg["crop"], crop=cfg["crop"] / cfg["resize"], generator=aug, **cfg["augment"])
+                images, y, scale = train.__getitems__(part)
+                x = models.to_model_input(images.to(env.device, non_blocking=True), cfg["resize"], norm=args.input_norm,
+                                          scale=scale, chest=args.pipeline == "chest")
+                x = models.random_affine(x, cfg["crop"], crop=cfg["crop"] / cfg["resize"], generator=aug,
+                                         aspect=torch.from_numpy(train.aspect[train.rows[part]]), **cfg["augment"])
                 y = y.to(env.device)
                 if lam < 1.0:
                     perm = torch.randperm(len(x), generator=aug, device=env.device)
@@ -374,10 +403,13 @@ def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
 
 def predict(model, dataset, cfg, args, env, features=False):
     """(logits, or pre-logit features; targets) of every row of `dataset` in order, on every rank,
-    at the training crop's size, in batches of twice the training micro-batch."""
+    the whole stored image resized to the training crop's size (of a squashed target, the
+    authors' Resize((crop, crop))), in batches of twice the training micro-batch."""
     batch = max(1, 2 * cfg["batch_size"] // env.world_size // args.batch_split)
-    return models.predict_dataset(model, dataset, lambda x: models.to_model_input(x, cfg["crop"], norm=args.input_norm),
-                                  batch, env, args.dtype, features=features)
+
+    def to_input(x, scale):
+        return models.to_model_input(x, cfg["crop"], norm=args.input_norm, scale=scale, chest=args.pipeline == "chest")
+    return models.predict_dataset(model, dataset, to_input, batch, env, args.dtype, features=features)
 
 
 def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
@@ -739,7 +771,8 @@ def run(args, cells):
             key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source,
                    "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
                    "target": args.target, "shots": shots, "seed": seed}
-            select = select_shots_multilabel if train.multilabel else select_shots
+            select = select_shots_multilabel if train.multilabel else \
+                select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
             idx = select(train.targets, shots, seed)
             try:
                 if stop:

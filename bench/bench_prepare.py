@@ -75,7 +75,7 @@ def main(args):
     rng = np.random.default_rng(0)
     total, t0 = 0, time.time()
     while time.time() - t0 < 2.0:
-        x, y = ds.__getitems__(rng.integers(0, len(ds), args.batch_size))
+        x, _, _ = ds.__getitems__(rng.integers(0, len(ds), args.batch_size))
         total += len(x)
     read = total / (time.time() - t0)
     print(f"prepared reader ({args.size}px, batches of {args.batch_size}, page cache warm): {read:.1f} images/s = "

@@ -75,8 +75,8 @@ def main(a):
     def step(x, y):
         return models.train_step(model, optimizer, scaler, [(x, y)], True, a.dtype)
 
-    x0, y0 = dataset.__getitems__(list(range(a.batch_size)))
-    x0 = pretrain.augment(x0.to(device), 0, 0, args)
+    x0, y0, scale0 = dataset.__getitems__(list(range(a.batch_size)))
+    x0 = pretrain.augment(x0.to(device), 0, 0, args, scale0)
     y0 = y0.to(device)
     t_model = timed(lambda: step(x0, y0), a.steps, a.warmup, device)
 
@@ -86,8 +86,8 @@ def main(a):
 
     def real_step():
         i = next(counter)
-        x, y = next(batches)
-        x = pretrain.augment(x.to(device, non_blocking=True), i, 0, args)
+        x, y, scale = next(batches)
+        x = pretrain.augment(x.to(device, non_blocking=True), i, 0, args, scale)
         return step(x, y.to(device, non_blocking=True))
 
     t_real = timed(real_step, a.steps, a.warmup, device)

@@ -13,9 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fewshot  # noqa: E402
 import models  # noqa: E402
+import prepare_data  # noqa: E402
+import raw_layouts  # noqa: E402
 import transfer  # noqa: E402
 
 TINY = ["--model", "R14x1", "--resize", "20", "--crop", "16", "--batch-size", "4", "--log-every", "1",
@@ -65,6 +68,90 @@ def test_single_label_view_of_multilabel():
     keep, hot = transfer.single_label(y)
     assert keep.tolist() == [0, 2, 4]  # unknown counts as negative, no positive = dropped
     assert hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def authors_fewshot_search(labels, k, seed):
+    """The authors' fs.find_fewshot_indices written out: a DataLoader(shuffle=True, batch 1024,
+    generator seeded with `seed`) over the dataset, a deque of the last k indices per label,
+    stopping once every label holds k. Returns the chosen indices, sorted."""
+    import collections
+    import torch
+    data = torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.as_tensor(labels))
+    loader = torch.utils.data.DataLoader(data, batch_size=1024, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    n_classes, kept = len(set(labels)), collections.defaultdict(lambda: collections.deque(maxlen=k))
+    for indices, batch_labels in loader:
+        for i, label in zip(indices.tolist(), batch_labels.tolist()):
+            kept[label].append(i)
+            if sum(map(len, kept.values())) == k * n_classes:
+                return sorted(i for d in kept.values() for i in d)
+    raise RuntimeError("Unable to find enough examples!")
+
+
+def test_select_shots_loader_is_the_authors_search():
+    rng = np.random.default_rng(0)
+    for n, c in ((3000, 10), (400, 3), (2500, 100)):
+        classes = rng.integers(0, c, n)
+        for k in (1, 5, 10):
+            for seed in (0, 1, 4):
+                assert transfer.select_shots_loader(onehot(classes, c), k, seed).tolist() == \
+                    authors_fewshot_search(classes, k, seed), (n, c, k, seed)
+    classes = np.array([0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 2, 1, 1])  # a class with fewer keeps all it has
+    idx = transfer.select_shots_loader(onehot(classes, 3), 5, 0)
+    assert np.bincount(classes[idx]).tolist() == [4, 5, 1]
+    assert np.array_equal(transfer.select_shots_loader(onehot(classes, 3), 0, 0), np.arange(13))
+
+
+def test_cifar_tuberculosis_pets_covidx_subsets_are_the_authors(tmp_path, monkeypatch):
+    """CIFAR: our training rows are torchvision's CIFAR10(train=True) in its order, so the loader
+    rule picks the images the authors' search picks on torchvision's dataset. Tuberculosis: our
+    rows are their Merge of the two folders' shuffled training files; Pets and COVIDx: the lines
+    of trainval.txt / train.txt, as their datasets read them."""
+    import torchvision
+    raw_layouts.cifar10(tmp_path / "cifar", per_class=3)
+    prepare_data.main(prepare_data.get_args_parser().parse_args(
+        ["--dataset", "cifar10", "--root", str(tmp_path / "cifar"), "--out", str(tmp_path / "c")]))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # not the real files
+    theirs = torchvision.datasets.CIFAR10(str(tmp_path / "cifar"), train=True)
+    ours = prepare_data.PreparedDataset(str(tmp_path / "c"), "train")
+    assert ours.meta["shot_rule"] == "loader" and len(ours) == len(theirs) == 150
+    assert np.array_equal(ours.images[ours.rows], theirs.data)
+    assert np.array_equal(ours.targets.argmax(1), theirs.targets)
+    for k in (1, 5, 10):
+        for seed in range(3):
+            assert transfer.select_shots_loader(ours.targets, k, seed).tolist() == \
+                authors_fewshot_search(theirs.targets, k, seed)
+
+    raw = raw_layouts.tuberculosis(str(tmp_path / "tb"), n=90, size=8)
+    prepare_data.main(prepare_data.get_args_parser().parse_args(
+        ["--dataset", "tuberculosis", "--root", raw, "--out", str(tmp_path / "t"), "--workers", "1"]))
+    files = []   # the authors' Merge([Tuberculosis(Shenzhen), Tuberculosis(Montgomery)]) training set
+    for folder in ("ChinaSet_AllFiles/CXR_png", "MontgomerySet/CXR_png"):
+        names = sorted(f"{folder}/{n}" for n in os.listdir(os.path.join(raw, folder)))
+        np.random.RandomState(42).shuffle(names)
+        files += names[:int(len(names) * 0.85)]
+    ours = prepare_data.PreparedDataset(str(tmp_path / "t"), "train")
+    for k in (1, 5, 10):
+        for seed in range(3):
+            chosen = ours.table.path.to_numpy()[ours.rows[transfer.select_shots_loader(ours.targets, k, seed)]]
+            authors = authors_fewshot_search([int(f[-5]) for f in files], k, seed)
+            assert sorted(chosen) == sorted(files[i] for i in authors)
+
+    raw_layouts.pets(str(tmp_path / "pets"), per_class=4)
+    raw_layouts.covidx(str(tmp_path / "covidx"), n=40)
+    lists = {"pets": ("oxford-iiit-pet/annotations/trainval.txt", lambda w: f"oxford-iiit-pet/images/{w[0]}.jpg", 1),
+             "covidx": ("train.txt", lambda w: f"train/{w[1]}", 2)}   # file: path of a line's words; label column
+    for name, (listing, path, label) in lists.items():
+        prepare_data.main(prepare_data.get_args_parser().parse_args(
+            ["--dataset", name, "--root", str(tmp_path / name), "--out", str(tmp_path / f"p{name}"), "--workers", "1"]))
+        lines = [line.split() for line in open(tmp_path / name / listing).read().splitlines()]
+        files, labels = [path(w) for w in lines], [w[label] for w in lines]
+        ours = prepare_data.PreparedDataset(str(tmp_path / f"p{name}"), "train")
+        assert list(ours.table.path[ours.rows]) == files
+        for seed in range(3):
+            chosen = ours.table.path.to_numpy()[ours.rows[transfer.select_shots_loader(ours.targets, 2, seed)]]
+            ids = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+            assert sorted(chosen) == sorted(files[i] for i in authors_fewshot_search([ids[y] for y in labels], 2, seed))
 
 
 def test_select_shots_multilabel_greedy():

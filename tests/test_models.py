@@ -356,6 +356,35 @@ def test_input_normalisation_of_each_weights_format(tmp_path):
     assert models.load_weights(small(num_classes=5), str(tmp_path / "bare.pt"), input_norm="imagenet") == "imagenet"
 
 
+def test_grey_images_under_imagenet_normalisation_as_the_authors():
+    """A grey image under ImageNet mean / std: the authors' chest pipeline (datasets/builder.py
+    Normalize: the first channel's mean and std, then the channel repeated) with chest=True;
+    their BiT pipeline (the image loaded as RGB, torchvision's Normalize per channel) without."""
+    images = torch.randint(0, 256, (2, 5, 5, 1), dtype=torch.uint8)
+    grey = images[..., 0].float()[:, None] / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    torch.testing.assert_close(models.to_model_input(images, norm="imagenet", chest=True),
+                               ((grey - 0.485) / 0.229).expand(-1, 3, -1, -1))
+    torch.testing.assert_close(models.to_model_input(images, norm="imagenet"), (grey - mean) / std)
+    rgb = images.expand(-1, -1, -1, 3)   # colour images: the same either way
+    assert torch.equal(models.to_model_input(rgb, norm="imagenet", chest=True), models.to_model_input(rgb, norm="imagenet"))
+    half = models.to_model_input(images, norm="bit", scale=torch.tensor([0.5, 1.0]), chest=True)
+    torch.testing.assert_close(half[0], (grey[0] * 0.5 - 0.5).expand(3, -1, -1) / 0.5)
+
+
+def test_random_affine_keeps_the_aspect_of_a_squashed_image():
+    """A squashed image of width / height 3/2 (and 2/3): a crop of 3/4 of the shorter side and the
+    same length of the longer, as Resize(shorter side) + a square RandomCrop see the original."""
+    ramp = (torch.arange(64.0) / 63)
+    images = torch.stack([ramp.repeat(64, 1), ramp[:, None].repeat(1, 64)])[None].repeat(2, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    out = models.random_affine(images, 48, crop=0.75, hflip=False, generator=gen, aspect=torch.tensor([1.5, 2 / 3]))
+    span = (out[:, :, :, -1] - out[:, :, :, 0])[:, 0].mean(-1), (out[:, :, -1] - out[:, :, 0])[:, 1].mean(-1)
+    pixels = 47 / 48 * 64 / 63   # output centres 0..47 span 47/48 of the crop; the ramp is 1 over 63 pixels
+    torch.testing.assert_close(span[0], torch.tensor([0.75 / 1.5, 0.75]) * pixels, atol=1e-4, rtol=0)  # x
+    torch.testing.assert_close(span[1], torch.tensor([0.75, 0.75 * 2 / 3]) * pixels, atol=1e-4, rtol=0)  # y
+
+
 def test_random_affine_reflection_padding_and_random_resized_crop():
     ramp = (torch.arange(16.0) / 15).repeat(2, 3, 16, 1)  # columns 0 .. 1, left to right
     gen = torch.Generator().manual_seed(0)

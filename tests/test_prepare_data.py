@@ -1,5 +1,6 @@
 """prepare_data.py: parsers against the real layouts, label rules row by row, splits without
 leakage, image decoding, rejects, resume, dry-run, merge and the command line."""
+import argparse
 import ast
 import gzip
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,16 +264,29 @@ def padchest_root(tmp_path, csv_rows=None):
     return root
 
 
-def paper_padchest_split(raw, views):
+# Two of the files the authors' padchest.py removes (missing or wrong in their download).
+AUTHORS_EXCLUDED = ["269300710246070740096540277379121868595_e7zsan.png",
+                    "216840111366964012819207061112010307142602253_04-014-084.png"]
+
+
+def authors_padchest(raw, views=PAPER_VIEWS):
     """The authors' padchest.py written out: AP_horizontal -> AP Supine, keep the views, drop
-    empty Labels, RandomState(42).shuffle of the row indices, first int(0.9 n) train."""
+    null Labels and their excluded files, RandomState(42).shuffle of the row indices; their train
+    set (the first int(0.9 n) shuffled indices) then their test set, in that order. Labels: the
+    lower-cased name or a synonym anywhere in the raw cell (their str.contains)."""
     view = raw["Projection"].replace({"AP_horizontal": "AP Supine"})
-    kept = raw[view.isin(views) & raw["Labels"].notna()].reset_index(drop=True)
+    kept = raw[view.isin(views) & raw["Labels"].notna() & ~raw["ImageID"].isin(AUTHORS_EXCLUDED)]
+    kept = kept.reset_index(drop=True)
     order = np.arange(len(kept))
     np.random.RandomState(42).shuffle(order)
-    split = np.full(len(kept), "test", dtype=object)
-    split[order[:int(len(kept) * 0.9)]] = "train"
-    return kept.assign(split=split)
+    n_train = int(len(kept) * 0.9)
+    return kept.iloc[order].assign(split=["train"] * n_train + ["test"] * (len(kept) - n_train))
+
+
+def assert_authors_rows(t, authors):
+    assert list(t.path) == list(authors.ImageDir + "/" + authors.ImageID) and list(t.split) == list(authors.split)
+    for row, cell in zip(t.to_dict("records"), authors.Labels):
+        assert {n: row[n] for n in PADCHEST_27} == expected_padchest(cell)
 
 
 @needs_real
@@ -281,15 +296,12 @@ def test_padchest_real_excerpt_labels_views_and_paper_split(tmp_path):
     run(argv + ["--out", str(tmp_path / "out")])
     t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str, "patient": str, "view": str})
     raw = pd.read_csv(root / P.PADCHEST_CSV, dtype=str)
-    paper = paper_padchest_split(raw, PAPER_VIEWS)
-    empty = paper["Labels"].map(lambda c: not [s for s in ast.literal_eval(c) if s.strip()])
-    assert empty.sum() == 1 and (raw.Projection == "AP_horizontal").any()
-    paper = paper[~empty]                          # counted in the split, then dropped
-    assert list(t.path) == list(paper.ImageDir + "/" + paper.ImageID) and list(t.split) == list(paper.split)
+    authors = authors_padchest(raw)
+    empty = authors["Labels"].map(lambda c: not [s for s in ast.literal_eval(c) if s.strip()])
+    assert empty.sum() == 1 and (raw.Projection == "AP_horizontal").any()   # kept, every label 0
+    assert len(t) == 269 and (t.split == "train").sum() == 242
+    assert_authors_rows(t, authors)
     assert set(t.view) == set(PAPER_VIEWS)
-    for row, cell in zip(t.itertuples(index=False), paper.Labels):
-        assert {n: getattr(row, n.replace(" ", "_")) if " " not in n else t.loc[t.path == row.path, n].item()
-                for n in PADCHEST_27} == expected_padchest(cell)
     assert (t["Infiltration"] == 1).any() and (t["Support Devices"] == 1).any()
     run(argv + ["--out", str(tmp_path / "again")])  # deterministic
     assert pd.read_csv(tmp_path / "again" / "labels.csv").equals(pd.read_csv(tmp_path / "out" / "labels.csv"))
@@ -299,20 +311,53 @@ def test_padchest_real_excerpt_labels_views_and_paper_split(tmp_path):
     assert set(strict.split) == {"train", "valid", "test"}
 
 
-def test_padchest_paper_split_sizes_and_exclusions(tmp_path):
-    root = Path(R.padchest(tmp_path / "pc", n=60, size=16))
+def test_padchest_rows_and_split_are_the_authors_on_synthetic_metadata(tmp_path, capsys):
+    """Every kind of row the rule meets, in the real format: null Labels, [] and [''] (kept, all
+    negative), a cell that is no list literal (kept, matched as text), the authors' excluded
+    files, the five views, EXCLUDE and UNK projections."""
+    root = Path(R.padchest(tmp_path / "pc", n=80, size=16))
     csv = root / P.PADCHEST_CSV
     raw = pd.read_csv(csv, dtype=str)
-    raw.loc[3, "ImageID"] = "269300710246070740096540277379121868595_e7zsan.png"   # the authors excluded it
-    raw.loc[4, "Labels"] = "['']"                                                  # kept for the split, dropped
+    raw.loc[[3, 12], "ImageID"] = AUTHORS_EXCLUDED
+    raw.loc[[4, 9], "Labels"] = ["['']", "[]"]
+    raw.loc[10, "Labels"] = "pleural effusion"
+    raw.loc[[14, 22], "Projection"] = "UNK"
     raw.drop(columns=raw.columns[0]).to_csv(csv)
     run(["--dataset", "padchest", "--root", str(root), "--out", str(tmp_path / "out"), "--dry-run"])
-    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype=str)
-    paper = paper_padchest_split(raw.drop(index=3), ["PA", "AP", "AP Supine", "L", "COSTAL"])
-    assert (paper.split == "train").sum() == int(len(paper) * 0.9)
-    paper = paper[paper.ImageID != raw.loc[4, "ImageID"]]
-    assert list(t.path) == list(paper.ImageDir + "/" + paper.ImageID) and list(t.split) == list(paper.split)
+    t = pd.read_csv(tmp_path / "out" / "labels.csv", dtype={"path": str})
+    authors = authors_padchest(raw)
+    assert (authors.split == "train").sum() == int(len(authors) * 0.9) and len(authors) == 60
+    assert set(raw.ImageID[[4, 9, 10]]) <= set(authors.ImageID) and not set(AUTHORS_EXCLUDED) & set(authors.ImageID)
+    assert raw.Labels.isna().any() and {"EXCLUDE", "UNK", "COSTAL"} <= set(raw.Projection)
+    assert_authors_rows(t, authors)
+    assert "dropped: 2 rows (excluded by the paper)" in capsys.readouterr().out
     assert json.load(open(tmp_path / "out" / "args.json"))["split_by"] == "paper"
+
+
+def test_padchest_few_shot_subsets_are_the_authors(tmp_path):
+    """Rows in the authors' dataset order make transfer's per-class rule on the single-label view
+    pick their subsets: finetune.py's --multilabel-force-classification (rows with exactly one
+    positive, argmax) and --examples_per_class (RandomState(seed), each class's indices shuffled
+    in class order, the first k)."""
+    import transfer
+    root = Path(R.padchest(tmp_path / "pc", n=150, size=8))
+    run(["--dataset", "padchest", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "8", "--workers", "1"])
+    ours = P.PreparedDataset(str(tmp_path / "out"), "train")
+    keep, onehot = transfer.single_label(ours.targets)
+    train = authors_padchest(pd.read_csv(root / P.PADCHEST_CSV, dtype=str)).query("split == 'train'")
+    labels = np.array([[expected_padchest(cell)[n] for n in PADCHEST_27] for cell in train.Labels])
+    single = np.flatnonzero(labels.sum(1) == 1)
+    classes, paths = labels[single].argmax(1), list(train.ImageDir + "/" + train.ImageID)
+    assert len(single) > 40 and ours.meta["shot_rule"] == "per_class"
+    for k in (1, 2, 5):
+        for seed in range(3):
+            rng, chosen = np.random.RandomState(seed), []
+            for c in range(27):
+                members = np.arange(len(single))[classes == c]
+                rng.shuffle(members)
+                chosen += [paths[single[i]] for i in members[:k]]
+            ours_chosen = ours.table.path[ours.rows[keep[transfer.select_shots(onehot, k, seed)]]]
+            assert sorted(ours_chosen) == sorted(chosen)
 
 
 def test_padchest_bad_bits_stored_is_one_line(tmp_path):
@@ -342,6 +387,52 @@ def test_padchest_16bit_conversion_uses_bits_stored(tmp_path):
     assert meta["orig_size"] == [30, 40]
     row = t[t.path == "0/img1.png"].iloc[0]
     assert row["Effusion"] == 1 and row["Atelectasis"] == 1 and row["Cardiomegaly"] == 0
+
+
+def test_padchest_model_input_is_the_authors_value_over_65535(tmp_path, prepared):
+    """A 12-bit (BitsStored 12) and a 16-bit PNG: the model input, through the full-range uint8
+    store and labels.csv's scale, equals the authors' (padchest.py img / 65535, then their chest
+    Normalize of the first channel, repeated) to within 1/255; --intensity bits-stored is the
+    full range of BitsStored instead. In pre-training too, alone and merged."""
+    import models
+    import pretrain
+    ramp = np.linspace(0, 1, 24 * 24).reshape(24, 24)
+    rows = [{"ImageID": f"img{bits}.png", "ImageDir": 0, "PatientID": f"p{bits}", "Projection": "PA",
+             "Labels": "['normal']", "BitsStored_DICOM": bits} for bits in (12, 16)]
+    root = padchest_root(tmp_path, rows)
+    (root / "0").mkdir()
+    pngs = {}
+    for bits in (12, 16):
+        pngs[bits] = np.rint(ramp * (2 ** bits - 1)).astype(np.uint16)
+        Image.fromarray(pngs[bits]).save(root / "0" / f"img{bits}.png")
+    common = ["--dataset", "padchest", "--root", str(root), "--size", "24", "--workers", "1", "--test-fraction", "0"]
+    for intensity in ("paper", "bits-stored"):
+        out = tmp_path / intensity
+        run(common + ["--out", str(out), "--intensity", intensity])
+        ds = P.PreparedDataset(str(out))
+        images, _, scale = ds.__getitems__(np.arange(len(ds)))
+        for norm, (mean, std) in (("bit", (0.5, 0.5)), ("imagenet", (0.485, 0.229))):
+            x = models.to_model_input(images, norm=norm, scale=scale, chest=True)
+            for i, path in enumerate(ds.table.path):
+                bits = int(path[len("0/img"):-len(".png")])
+                white = 65535 if intensity == "paper" else 2 ** bits - 1
+                authors = (pngs[bits] / white - mean) / std
+                error = np.abs(x[i].numpy() - authors).max() * std   # in image units, [0, 1]
+                print(f"{intensity} {norm} {bits}-bit: max |ours - authors'| = {error:.2e} (image units)")
+                assert error <= 1 / 255, (intensity, norm, bits)
+        assert json.load(open(out / "meta.json"))["intensity"] == intensity
+    paper = P.PreparedDataset(str(tmp_path / "paper"))
+    assert sorted(paper.scale.tolist()) == pytest.approx([4095 / 65535, 1.0])
+    other = prepared("other", size=24, task="multilabel")
+    run(["--dataset", "merge", "--inputs", str(tmp_path / "paper"), str(other), "--out", str(tmp_path / "m"),
+         "--labels", "union"])
+    merged = pretrain.SourceDataset([str(tmp_path / "m")], None)
+    images, _, scale = merged.__getitems__(np.arange(len(merged)))
+    assert sorted(scale.tolist()[:2]) == pytest.approx([4095 / 65535, 1.0]) and (scale[2:] == 1).all()
+    args = argparse.Namespace(eval_crop=1.0, image_size=24, channels_last=False, input_norm="bit")
+    assert torch.equal(pretrain.eval_input(images, args, scale),
+                       models.to_model_input(images, norm="bit", scale=scale, chest=True))
+    assert pretrain.eval_input(images, args, scale)[scale < 1].max() == pytest.approx(4095 / 65535 * 2 - 1, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,14 +470,17 @@ def test_tuberculosis_paper_split_per_folder(tmp_path):
     meta, t, images = prepared(tmp_path / "out")
     assert meta["labels"] == ["normal", "tuberculosis"] and meta["task"] == "multiclass" and len(t) == 60
     assert (t.tuberculosis == t.path.str[-5].astype(int)).all() and (t.normal + t.tuberculosis == 1).all()
-    # the authors' tuberculosis.py per folder: sorted names, RandomState(42).shuffle, first 85 % train
+    # the authors' tuberculosis.py per folder: sorted names, RandomState(42).shuffle, first 85 % train;
+    # their Merge of the two folders (Shenzhen first) orders the train and the test sets
+    train, test = [], []
     for folder in ("ChinaSet_AllFiles/CXR_png", "MontgomerySet/CXR_png"):
         files = sorted(f"{folder}/{n}" for n in os.listdir(raw / folder))
         np.random.RandomState(42).shuffle(files)
         n_train = int(len(files) * 0.85)
-        got = dict(zip(t.path, t.split))
-        assert [got[f] for f in files] == ["train"] * n_train + ["test"] * (len(files) - n_train)
+        train, test = train + files[:n_train], test + files[n_train:]
+    assert list(t.path[t.split == "train"]) == train and list(t.path[t.split == "test"]) == test
     assert (t.split == "test").sum() == 40 - int(40 * 0.85) + 20 - int(20 * 0.85)   # 6 + 3; no valid
+    assert meta["geometry"] == "squash" and meta["shot_rule"] == "loader" and (t.aspect == 1).all()
     run(argv + ["--out", str(tmp_path / "again")])
     assert prepared(tmp_path / "again")[1].equals(t)
     run(argv + ["--out", str(tmp_path / "strict"), "--split-by", "patient", "--valid-fraction", "0.1"])
@@ -523,6 +617,13 @@ def test_real_images_png_jpeg_dicom():
     assert (mono1.astype(int) + mono2.astype(int) == 255).all()
     dx, orig = P.load_image(str(img / "nih_chest_dx_implicit_vr.dcm"), 128, 1)
     assert orig == (1024, 1024) and dx.shape == (128, 128, 1) and dx.std() > 10
+    # a square image squashed is its centre crop (the demo's square target is unchanged); a
+    # 1036 x 885 one is squashed whole, as a resize of the whole image (up to the JPEG draft's
+    # DCT downscale)
+    assert np.array_equal(P.load_image(str(img / "00000001_000.png"), 100, 1, squash=True)[0],
+                          P.load_image(str(img / "00000001_000.png"), 100, 1)[0])
+    whole = np.asarray(Image.open(img / "16747_3_1.jpg").convert("L").resize((64, 64), Image.BILINEAR))
+    assert np.abs(P.load_image(str(img / "16747_3_1.jpg"), 64, 1, squash=True)[0][..., 0].astype(int) - whole).mean() < 2
 
 
 def write_dicom(path, pixels, bits, photometric="MONOCHROME2", slope=1.0, intercept=0.0):
@@ -682,8 +783,8 @@ def test_merge_intersection_and_union(tmp_path, capsys):
     assert t["Hernia"].iloc[len(tn):].isna().all() and t["Support Devices"].iloc[:len(tn)].isna().all()
     assert t["Hernia"].iloc[:len(tn)].notna().all()
     ds = P.PreparedDataset(str(tmp_path / "u"), "train")
-    x, y = ds.__getitems__([0, 1])
-    assert x.shape == (2, 8, 8, 1) and y.shape == (2, len(meta["labels"]))
+    x, y, scale = ds.__getitems__([0, 1])
+    assert x.shape == (2, 8, 8, 1) and y.shape == (2, len(meta["labels"])) and scale.tolist() == [1, 1]
 
 
 def test_dry_run_writes_labels_and_stats_only(tmp_path, capsys):

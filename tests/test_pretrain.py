@@ -100,13 +100,32 @@ def test_recipes_and_overrides():
     r50 = resolved(["--recipe", "imagenet1k-r50x1"])
     assert (r50.batch_size, r50.lr, r50.agc, r50.warmup_epochs, r50.input_norm, r50.crop_area) == (
         2048, 0.1, 0.0, 5, "imagenet", [0.08, 1.0])
-    assert (resolved(["--recipe", "imagenet1k-r152x4"]).lr, resolved(["--recipe", "imagenet21k"]).warmup_epochs) == (0.03, 2)
     mine = resolved(["--lr", "0.02", "--warmup-steps", "100", "--decay-steps", "500", "900",
                      "--views", "all", "--shift", "0.1"])
     assert (mine.lr, mine.warmup_steps, mine.warmup_epochs, mine.decay_steps, mine.decay_epochs,
             mine.views, mine.shift, mine.batch_size) == (0.02, 100, None, [500, 900], None, None, 0.1, 1024)
     assert pretrain.schedule_steps(mine, 7) == (100, [500, 900], 90 * 7)
     assert pretrain.RECIPES["paper"]["decay_epochs"] == [30, 60, 80]  # the table is not modified
+
+
+# The authors' configs/<name>.yaml: optim type, base_lr (per base_batch_size 256),
+# train_local_batch_size, warmup_epochs; every one run on 16 nodes x 4 GPUs (sbatch -N 16).
+AUTHORS_IMAGENET = {"imagenet1k_bit50x1": ("SGD", 0.1, 32, 5), "imagenet1k_bit152x4": ("SGD_AGC", 0.03, 16, 15),
+                    "imagenet21k_bit50x1": ("SGD_AGC", 0.01, 32, 2), "imagenet21k_bit152x4": ("SGD_AGC", 0.01, 16, 2)}
+
+
+@pytest.mark.parametrize("config", sorted(AUTHORS_IMAGENET))
+def test_imagenet_recipes_are_the_authors_configs(config):
+    optim, lr, local_batch, warmup = AUTHORS_IMAGENET[config]
+    r = resolved(["--recipe", config.replace("_bit", "-r")])
+    assert (r.batch_size, r.lr, r.warmup_epochs, r.agc) == (local_batch * 64, lr, warmup, 0.01 if optim == "SGD_AGC" else 0)
+    assert (r.epochs, r.decay_epochs, r.weight_decay, r.warmup_from, r.input_norm) == (90, [30, 60, 80], 1e-4, 1 / 64,
+                                                                                        "imagenet")
+    if config.startswith("imagenet1k"):  # run_all.sh pre-trains ImageNet-1k with each model's recipe
+        recipe = subprocess.run(["bash", "-c", 'source <(sed -n "/^imagenet_recipe()/,/^}/p" run_all.sh); '
+                                 'imagenet_recipe "$0"', "R" + config.split("_bit")[1]], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        assert recipe == config.replace("_bit", "-r")
 
 
 def test_refused_schedules(tmp_path, capsys):
@@ -189,8 +208,8 @@ def test_sources_are_united_with_unknown_labels(prepared):
     b = source(prepared, "b", n_train=3, n_eval=1, labels=("B", "C"), seed=2)
     ds = pretrain.SourceDataset([a, b], "train")
     assert ds.labels == ["A", "B", "C"] and len(ds) == 7
-    x, y = ds.__getitems__([5, 0, 6])
-    assert x.shape == (3, 24, 24, 1) and x.dtype == torch.uint8
+    x, y, scale = ds.__getitems__([5, 0, 6])
+    assert x.shape == (3, 24, 24, 1) and x.dtype == torch.uint8 and scale.tolist() == [1, 1, 1]
     assert torch.isnan(y[0, 0]) and torch.isnan(y[2, 0]) and torch.isnan(y[1, 2])
     raw_b = np.load(Path(b) / "images.npy")
     assert torch.equal(x[0], torch.from_numpy(raw_b[1]))

@@ -105,8 +105,17 @@ def test_plan_of_every_raw_layout_shows_the_scale_axis(tmp_path):
     assert "flowers102 R152x4 chexpert_mimic_nih_padchest (20 cells: shots 1 5 10 full x seeds 0 1 2 3 4)" in transfer
     assert "padchest R50x1 scratch (25 cells: shots 1 5 10 100 full x seeds 0 1 2 3 4)" in transfer
     assert not any("R152x4 bit-m" in n for n in transfer)
-    # 7 targets x 2 models x (scratch + 7 sources + imagenet1k) + bit-m for R50x1
-    assert len(transfer) == 7 * 2 * 9 + 7
+    # 7 targets x 2 models x (scratch + 7 sources + imagenet1k) + bit-m for R50x1, less PadChest from
+    # the two sources that validated on its test split: skipped, and the plan says why
+    assert len(transfer) == 7 * 2 * 9 + 7 - 2 * 2
+    skipped = [n for s, n in plan_lines(r.stdout, "transfer") if s == "skip"]
+    for model in ("R50x1", "R152x4"):
+        for source in ("padchest", "chexpert_mimic_nih_padchest"):
+            assert f"padchest {model} {source} (25 cells: shots 1 5 10 100 full x seeds 0 1 2 3 4): {source} " \
+                   "validated on padchest's test split, its best.pt chosen on the target's test rows (not in the " \
+                   "paper)" in skipped
+    assert len(skipped) == 4
+    assert f"transfer cells (fine-tuning runs): {sum(int(n.split('(')[1].split()[0]) for n in transfer)}" in r.stdout
 
 
 def test_failing_jobs_are_listed_and_the_rest_runs(tmp_path):

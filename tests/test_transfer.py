@@ -300,6 +300,65 @@ def test_chest_pipeline_settings_and_run(prepared, tmp_path):
     assert row["pipeline"] == "chest" and row["headline"] == "auc" and row["input_norm"] == "bit"
 
 
+def test_a_3_to_2_target_is_seen_as_the_authors_bit_pipeline_sees_it(tmp_path, monkeypatch):
+    """A 300 x 200 image whose red channel is its x coordinate and green its y, prepared as a
+    BiT-pipeline target (stored whole, squashed, with its aspect 1.5), fine-tuned and evaluated
+    at resize 64 / crop 60 (the HyperRule's 512 / 480 scaled). Evaluation sees the authors'
+    Resize((60, 60)) of the whole image; every training input is one of the crops of their
+    Resize(64) (shorter side) + RandomCrop(60) + flip."""
+    import torchvision.transforms as T
+    from PIL import Image
+    import prepare_data
+    y, x = np.mgrid[0:200, 0:300]
+    ramp = np.stack([x * 255 / 299, y * 255 / 199, np.full(x.shape, 128.0)], -1).round().astype(np.uint8)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "raw" / split / c)
+            Image.fromarray(ramp).save(tmp_path / "raw" / split / c / "ramp.png")
+    data = tmp_path / "ramp"
+    prepare_data.main(prepare_data.get_args_parser().parse_args(
+        ["--dataset", "imagefolder", "--root", str(tmp_path / "raw"), "--out", str(data), "--size", "64",
+         "--valid-fraction", "0", "--workers", "1"]))
+    table = pd.read_csv(data / "labels.csv")
+    assert (table.aspect == 1.5).all() and json.loads((data / "meta.json").read_text())["geometry"] == "squash"
+    stored = np.load(data / "images.npy")[0]
+    assert np.array_equal(stored, np.asarray(Image.fromarray(ramp).resize((64, 64), Image.BILINEAR)))
+    seen = {"train": [], "eval": []}
+    affine, predict = models.random_affine, models.predict
+
+    def record_affine(*a, **k):
+        out = affine(*a, **k)
+        seen["train"] += list(out)
+        return out
+
+    def record_predict(model, batches, *a, **k):
+        batches = list(batches)
+        seen["eval"] += [x for xs, _ in batches for x in xs]
+        return predict(model, batches, *a, **k)
+    monkeypatch.setattr(models, "random_affine", record_affine)
+    monkeypatch.setattr(models, "predict", record_predict)
+    transfer.main(transfer.get_args_parser().parse_args(
+        ["--data", str(data), "--out", str(tmp_path / "o"), "--model", "R14x0.5", "--resize", "64", "--crop", "60",
+         "--batch-size", "4", "--steps", "3", "--bootstrap", "5"]))
+
+    def pixels(x):  # model input in [-1, 1] -> the image's 0..255 scale, (60, 60, 3)
+        return ((x.permute(1, 2, 0).numpy() + 1) * 127.5)
+    authors_eval = np.asarray(T.Resize((60, 60))(Image.fromarray(ramp)), np.float64)
+    assert len(seen["eval"]) == 2 and len(seen["train"]) == 12
+    for x in seen["eval"]:
+        print(f"eval: mean |ours - authors' Resize((60, 60))| = {np.abs(pixels(x) - authors_eval).mean():.3f} / 255")
+        assert np.abs(pixels(x) - authors_eval).mean() < 1.0
+    resized = np.asarray(T.Resize(64)(Image.fromarray(ramp)), np.float64)   # 96 x 64
+    crops = [c for top in range(5) for left in range(37) for c in (resized[top:top + 60, left:left + 60],
+                                                                   resized[top:top + 60, left:left + 60][:, ::-1])]
+    for x in seen["train"]:
+        print(f"train: mean |ours - nearest authors' crop| = {min(np.abs(pixels(x) - c).mean() for c in crops):.3f} / 255")
+        assert min(np.abs(pixels(x) - c).mean() for c in crops) < 1.5
+    spans = [np.ptp(pixels(x)[:, :, 0]) for x in seen["train"]]   # the red ramp across 60 of the 96 columns
+    print("red spans", np.round(spans, 1), "authors'", round(255 * 59 / 95, 1))
+    assert np.allclose(spans, 255 * 59 / 95, atol=4)
+
+
 def test_nonfinite_loss_is_a_failure_not_a_row(prepared, tmp_path, capsys, monkeypatch):
     data = prepared("tb")
     monkeypatch.setattr(models, "loss_fn", lambda logits, y, multilabel: logits.sum() * float("nan"))
