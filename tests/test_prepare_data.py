@@ -423,6 +423,10 @@ def test_padchest_model_input_is_the_authors_value_over_65535(tmp_path, prepared
         assert json.load(open(out / "meta.json"))["intensity"] == intensity
     paper = P.PreparedDataset(str(tmp_path / "paper"))
     assert sorted(paper.scale.tolist()) == pytest.approx([4095 / 65535, 1.0])
+    broken = pd.read_csv(tmp_path / "bits-stored" / "labels.csv", dtype=str).assign(scale=["0.5", "x"])
+    broken.to_csv(tmp_path / "bits-stored" / "labels.csv", index=False)
+    with pytest.raises(UserError, match="line 3 column 'scale': not a positive number"):
+        P.PreparedDataset(str(tmp_path / "bits-stored"))
     other = prepared("other", size=24, task="multilabel")
     run(["--dataset", "merge", "--inputs", str(tmp_path / "paper"), str(other), "--out", str(tmp_path / "m"),
          "--labels", "union"])
