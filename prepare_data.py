@@ -30,7 +30,7 @@ keep the full range too. Colour becomes grayscale (ITU-R 601 luma) for X-rays, R
 images. PadChest is stored full range too; by default the model reads it as the authors did,
 value / 65535 (labels.csv `scale`, see --intensity). (2) Sources and the chest pipeline: a centre
 crop to the square of the shorter side (the authors' XRayCenterCrop); targets of the BiT
-pipeline (Spec.target): the whole image squashed, its width / height in labels.csv `aspect`
+pipeline (Spec.bit_target): the whole image squashed, its width / height in labels.csv `aspect`
 (transfer.py crops it as the authors' Resize(512) + RandomCrop(480), and evaluates the squash,
 their Resize((480, 480))). Resized to --size by Pillow's bilinear filter, antialiased (JPEGs at
 least twice the target are DCT-downscaled first).
@@ -760,7 +760,7 @@ class Spec(NamedTuple):
     # A target the authors read as a torchvision dataset of PIL images: stored squashed with its
     # aspect (their bit transforms), k-shot subsets by their loader rule (fs.find_fewshot_indices);
     # else centre-cropped, and the per-class rule of their datasets that carry a labels array.
-    target: bool = False
+    bit_target: bool = False
 
 
 DATASETS = {
@@ -774,18 +774,18 @@ DATASETS = {
     "padchest": Spec(parse_padchest, "multilabel", 1, 512, 0.1, (0, 0.1), True,
                      "random 90/10 over images, seed 42; the held-out part is the target's test "
                      "and the source's validation", image_split=True, pipeline="chest"),
-    "covidx": Spec(parse_covidx, "multiclass", 1, 512, 0, (0, 0), False, "official train / test", target=True),
+    "covidx": Spec(parse_covidx, "multiclass", 1, 512, 0, (0, 0), False, "official train / test", bit_target=True),
     "tuberculosis": Spec(parse_tuberculosis, "multiclass", 1, 512, 0.15, (0, 0), False,
-                         "random 85/15 per folder (Shenzhen, Montgomery), seed 42", image_split=True, target=True),
-    "cifar10": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", target=True),
-    "cifar100": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", target=True),
+                         "random 85/15 per folder (Shenzhen, Montgomery), seed 42", image_split=True, bit_target=True),
+    "cifar10": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", bit_target=True),
+    "cifar100": Spec(parse_cifar, "multiclass", 3, 32, 0, (0, 0), False, "official train / test", bit_target=True),
     "flowers102": Spec(parse_flowers102, "multiclass", 3, 512, 0, (0, 0), False,
                        "trains on the official test set (6,149), tests on train + val (2,040)",
-                       paper_renames={"train": "test", "valid": "test", "test": "train"}, target=True),
-    "pets": Spec(parse_pets, "multiclass", 3, 512, 0, (0, 0), False, "official trainval / test", target=True),
+                       paper_renames={"train": "test", "valid": "test", "test": "train"}, bit_target=True),
+    "pets": Spec(parse_pets, "multiclass", 3, 512, 0, (0, 0), False, "official trainval / test", bit_target=True),
     "imagenet": Spec(parse_imagenet, "multiclass", 3, 256, 0, (0, 0), False, "official train / val"),
     "imagefolder": Spec(parse_imagefolder, "multiclass", 3, 512, 0.15, (0.1, 0.1), False,
-                        "split folders if present, else by image", target=True),
+                        "split folders if present, else by image", bit_target=True),
     "csv": Spec(parse_csv, "multilabel", 1, 512, 0.15, (0.1, 0.1), False,
                 "the csv's split column if present, else by patient"),
 }
@@ -1559,8 +1559,8 @@ def prepare(args, out, stop_after=None):
     models.save_args(out, args)
     channels, size = args.channels or spec.channels, args.size or spec.size
     meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
-            "pipeline": spec.pipeline, "geometry": "squash" if spec.target else "crop",
-            "shot_rule": "loader" if spec.target else "per_class", "split_by": args.split_by,
+            "pipeline": spec.pipeline, "geometry": "squash" if spec.bit_target else "crop",
+            "shot_rule": "loader" if spec.bit_target else "per_class", "split_by": args.split_by,
             **({"intensity": args.intensity} if "scale" in table else {})}
     if args.dry_run:
         write_labels_csv(out, table, labels)
@@ -1581,13 +1581,13 @@ def prepare(args, out, stop_after=None):
     root = os.path.realpath(raw.base)
     refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"])
                if os.path.commonpath([os.path.realpath(f), root]) != root}
-    state = convert_all(table, out, size, channels, args.workers, refused, stop_after, spec.target)
+    state = convert_all(table, out, size, channels, args.workers, refused, stop_after, spec.bit_target)
     if not state.done.all():
         print0(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue")
         return None
     rejected = write_rejects(state, table, out, args)
     compact(state, ~rejected, out)
-    if spec.target:   # width / height of each squashed image, for transfer.py's crops
+    if spec.bit_target:   # width / height of each squashed image, for transfer.py's crops
         table["aspect"] = np.round(state.orig[:, 1] / np.maximum(state.orig[:, 0], 1), 4)
     kept = table[~rejected].reset_index(drop=True)
     write_labels_csv(out, kept, labels)
