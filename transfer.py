@@ -65,7 +65,7 @@ NOT_SETTINGS = {"data", "init", "source", "source_seed", "source_size", "target"
                 "log_every", "save", "shots", "seed", "seeds", "summarize", "summary_dir", "paper_curves",
                 "source_sizes"}
 RESULT_COLUMNS = KEY_COLUMNS + IDENTITY_COLUMNS + ["source_size", "task", "headline", "accuracy", "auc", "map", "ci_low",
-                                "ci_high", "num_train", "num_eval", "steps", "input_norm", "pipeline",
+                                "ci_high", "outcomes", "num_train", "num_eval", "steps", "input_norm", "pipeline",
                                 "wall_s", "commit", "args"]
 FAILURE_COLUMNS = KEY_COLUMNS + ["reason", "num_train", "commit", "time"]
 
@@ -284,6 +284,32 @@ def bootstrap_ci(logits, targets, multilabel, samples=1000, seed=0, level=0.95, 
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def image_outcomes(logits, targets, multilabel, metric):
+    """Each test image's share of the headline metric, so that their mean is the metric: 1 or 0
+    (correct) for accuracy; for mean ROC AUC, the image's pseudo-value (DeLong's linearisation:
+    AUC + n / n_class x (its placement among the other class - AUC), averaged over the labels
+    that have both classes). The summary resamples test images from these (fewshot.contrast)."""
+    targets = np.asarray(targets, np.float64)
+    if metric == "accuracy":
+        return (np.asarray(logits).argmax(1) == targets.argmax(1)).astype(np.float32)
+    scores, n, per_label = models.scores_from_logits(logits, multilabel), len(targets), []
+    for j in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        pos, neg = known & (targets[:, j] > 0.5), known & ~(targets[:, j] > 0.5)
+        if not pos.any() or not neg.any():
+            continue
+        s = scores[:, j]
+        # share of the other class scored below each image (ties count half)
+        below_neg, below_pos = ((np.searchsorted(o, s, "left") + np.searchsorted(o, s, "right")) / 2 / len(o)
+                                for o in (np.sort(s[neg]), np.sort(s[pos])))
+        auc = below_neg[pos].mean()
+        z = np.full(n, auc)
+        z[pos] += n / pos.sum() * (below_neg[pos] - auc)
+        z[neg] += n / neg.sum() * (1 - below_pos[neg] - auc)
+        per_label.append(z)
+    return np.mean(per_label, 0).astype(np.float32) if per_label else np.full(n, np.nan, np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -599,16 +625,23 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     if not env.is_master:
         return {}
     metrics = models.headline_metrics(logits, targets, evalset.multilabel)
-    ci = bootstrap_ci(logits, targets, evalset.multilabel, args.bootstrap, key["seed"],
-                      metric=headline_name(evalset.multilabel, args.pipeline))
+    headline = headline_name(evalset.multilabel, args.pipeline)
+    ci = bootstrap_ci(logits, targets, evalset.multilabel, args.bootstrap, key["seed"], metric=headline)
     models.print0(f"eval {describe(key)} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                   + f" ci95=[{ci[0]:.4f},{ci[1]:.4f}]")
     models.save_args(run_dir(args, key), args)
     with models.atomic_write(os.path.join(run_dir(args, key), "per_class.csv")) as f:
         per_class_metrics(logits, targets, evalset.multilabel, evalset.labels).to_csv(f, index=False)
+    # each test image's outcome, for the summary's paired resampling of test images; the cell's
+    # folder is shared by its pre-training seeds, so the file is named by the seed
+    name = "outcomes.npy" if key["source_seed"] == "" else f"outcomes-source_seed{key['source_seed']}.npy"
+    outcomes = os.path.join(run_dir(args, key), name)
+    with models.atomic_write(outcomes, "wb") as f:
+        np.save(f, image_outcomes(logits, targets, evalset.multilabel, headline))
     row = {**key, **made_by, "source_size": args.source_size, "task": "multilabel" if evalset.multilabel else "multiclass",
-           "headline": headline_name(evalset.multilabel, args.pipeline), "accuracy": metrics.get("accuracy", math.nan),
-           "auc": metrics["auc"], "map": metrics["map"], "ci_low": ci[0], "ci_high": ci[1], "num_train": num_train,
+           "headline": headline, "accuracy": metrics.get("accuracy", math.nan), "auc": metrics["auc"],
+           "map": metrics["map"], "ci_low": ci[0], "ci_high": ci[1], "num_train": num_train,
+           "outcomes": os.path.relpath(outcomes, os.path.dirname(os.path.abspath(results_path(args)))),
            "num_eval": len(evalset), "steps": steps, "input_norm": args.input_norm, "pipeline": args.pipeline,
            "wall_s": round(time.time() - t0, 2), "commit": git_commit(), "args": json.dumps(vars(args), sort_keys=True)}
     if not append_row(results_path(args), row, RESULT_COLUMNS, key):

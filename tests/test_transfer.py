@@ -176,6 +176,8 @@ def test_transfer_end_to_end_and_resume_skip(prepared, tmp_path, capsys):
     folder = out / "tb" / "finetune-scratch-R14x1" / "shots0-seed0"
     per_class = pd.read_csv(folder / "per_class.csv")
     assert list(per_class["label"]) == ["a", "b", "c"] and per_class["support"].sum() == 9
+    assert r["outcomes"] == "tb/finetune-scratch-R14x1/shots0-seed0/outcomes.npy"  # each test image's, for the summary
+    assert np.load(out / r["outcomes"]).mean() == pytest.approx(r["accuracy"]) and len(np.load(out / r["outcomes"])) == 9
     assert json.loads((folder / "args.json").read_text())["data"] == str(data)
     assert (out / "args.json").exists()
     saved = models.load_checkpoint(folder / "model.pt")
