@@ -239,11 +239,14 @@ def test_summarize_exact_means_and_stds(tmp_path, capsys):
                    "map_std"]:
         assert column in csv.columns
     md = (tmp_path / "summary.md").read_text()
-    assert "| finetune | nih | R14x1 | 0.700 ± 0.200 | 0.950 ± 0.050 |" in md
-    assert "| finetune | scratch | R14x1 | 0.400 ± 0.200 | 0.600 ± 0.173 |" in md
+    # sources in scale order (scratch first), their size, mean ± std [95 % interval: t, 2 df]
+    assert md.index("| finetune | scratch |") < md.index("| finetune | nih |")
+    assert "| finetune | nih | 100 | R14x1 | 0.700 ± 0.200 [0.203, 1.197] | 0.950 ± 0.050 [0.826, 1.074] |" in md
+    assert "| finetune | scratch | 1 | R14x1 | 0.400 ± 0.200 [-0.097, 0.897] | 0.600 ± 0.173 [0.170, 1.030] |" in md
     assert "0.700 ± 0.200" in capsys.readouterr().out
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
-    assert (tmp_path / "source_size.png").stat().st_size > 1000
+    # scratch is the figure's baseline, not a point on its size axis: one sized source draws no curve
+    assert not (tmp_path / "source_size.png").exists()
     assert summary.set_index("source").loc["scratch", "source_size"].tolist() == [1, 1]
 
 
@@ -387,7 +390,7 @@ def test_cli_subprocess_summarize(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "| finetune | nih | R14x1 | 0.700 ± 0.200 |" in proc.stdout
+    assert "| finetune | nih | 100 | R14x1 | 0.700 ± 0.200 [0.203, 1.197] |" in proc.stdout
     proc = subprocess.run([sys.executable, str(ROOT / "fewshot.py"), "--summarize", str(tmp_path / "no")],
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
