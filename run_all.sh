@@ -43,7 +43,10 @@ Settings (environment variables; demo values in brackets):
   SHOTS          shots for every target (default: the paper's per target: CIFAR and COVIDx
                  1 5 10 100 500 full, PadChest and Tuberculosis 1 5 10 100 full, Pets and
                  Flowers 1 5 10 full) [1 5 10 full]
-  SEEDS          seeds ("0 1 2 3 4") [0 1 2 3 4]
+  SEEDS          fine-tuning seeds ("0 1 2 3 4") [0 1 2]
+  PRETRAIN_SEEDS pre-training seeds: each source is pre-trained once per seed (pretrain/<model>/
+                 <source>/seed<S>/) and transferred from each, so that the summary counts
+                 pre-training luck ("42", the paper's one run) [0 1 2]
   STAGES         stages to run ("prepare pretrain transfer summary")
   NPROC          GPUs per node for pretrain.py / fewshot.py under torchrun (1: plain python)
   PREPARE_ARGS   extra flags for prepare_data.py (e.g. "--workers 32")
@@ -52,7 +55,7 @@ Settings (environment variables; demo values in brackets):
 
 Examples:
   bash run_all.sh                                    # the demo
-  SEEDS="0 1 2" bash run_all.sh                      # the demo with three seeds
+  SEEDS="0 1 2 3 4" PRETRAIN_SEEDS=0 bash run_all.sh  # the demo with one pre-training, five seeds
   bash run_all.sh --plan /data                       # what the study on /data would run
   NPROC=8 bash run_all.sh /data                      # the whole study on one 8-GPU node
   STAGES="prepare" bash run_all.sh /data             # only some stages
@@ -84,7 +87,10 @@ if [ -z "$DATA" ]; then
     MODELS=${MODELS:-R14x0.5}
     SOURCES=${SOURCES:-"chexpert chexpert_mimic"}
     TARGETS=${TARGETS:-tuberculosis}
-    SEEDS=${SEEDS:-"0 1 2 3 4"}
+    # three pre-trainings per source x three fine-tuning seeds: one pre-training per source could
+    # not tell a gap between the sources from that run's luck (README, "The demo")
+    SEEDS=${SEEDS:-"0 1 2"}
+    PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-"0 1 2"}
     SHOTS=${SHOTS:-"1 5 10 full"}
     SOURCE_PX=40 TARGET_PX=34   # stored sizes (paper: 256 for the 224-px sources, 512 for the targets)
     # pre-training: R50x1 -> R14x0.5, 224 px -> 32, batch 1024 -> 32, 90 epochs -> 8 (warm-up
@@ -107,6 +113,7 @@ else
     SOURCES=${SOURCES:-"chexpert chexpert_mimic chexpert_mimic_nih chexpert_mimic_nih_padchest mimic nih padchest"}
     TARGETS=${TARGETS:-"covidx tuberculosis padchest cifar10 cifar100 flowers102 pets"}
     SEEDS=${SEEDS:-"0 1 2 3 4"}
+    PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-42}
     SHOTS=${SHOTS:-}
     SOURCE_PX=256 TARGET_PX=512   # sources: the paper's 224-px crops; targets: HyperRule 512/480
     RECIPE_PRETRAIN="" RECIPE_TRANSFER=""
@@ -125,6 +132,8 @@ ALL_TARGETS="covidx tuberculosis padchest cifar10 cifar100 flowers102 pets"
 for s in $SOURCES; do [[ " $ALL_SOURCES " == *" $s "* ]] || die "unknown source '$s' in SOURCES (one of: $ALL_SOURCES)"; done
 for t in $TARGETS; do [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' in TARGETS (one of: $ALL_TARGETS)"; done
 for s in $STAGES; do [[ " prepare pretrain transfer summary " == *" $s "* ]] || die "unknown stage '$s' in STAGES"; done
+[ -n "${PRETRAIN_SEEDS// /}" ] || die "PRETRAIN_SEEDS is empty (one seed or more, e.g. 42)"
+for s in $PRETRAIN_SEEDS; do [[ $s =~ ^[0-9]+$ ]] || die "PRETRAIN_SEEDS: '$s' is not a seed (a whole number >= 0)"; done
 
 # ---------------------------------------------------------------------- the paper's rules --
 raw_folder() {  # prepared name -> folder under DATA
@@ -201,30 +210,32 @@ for s in chexpert_mimic chexpert_mimic_nih chexpert_mimic_nih_padchest; do
          WILL_EXIST[$s]=1; fi
 done
 
-# pre-training: each source x model from scratch with the paper's recipe; ImageNet-1k too when
-# its folders are there
-declare -A INITS   # model -> "source=weights" entries transferred from, in the scale axis' order
+# pre-training: each source x model x pre-training seed from scratch with the paper's recipe;
+# ImageNet-1k too when its folders are there
+declare -A INITS   # model -> "source:pre-training seed=weights" entries transferred from, in the scale axis' order
 pretrain_sources=$SOURCES
 [ -n "${WILL_EXIST[imagenet1k]:-}" ] && pretrain_sources+=" imagenet1k"
 for model in $MODELS; do
-    INITS[$model]="scratch=scratch"
+    INITS[$model]="scratch:=scratch"
     for s in $pretrain_sources; do
-        out=$OUT/pretrain/$model/$s
         if [ $s = imagenet1k ]; then recipe="--recipe $(imagenet_recipe $model)"
         else recipe="--recipe paper --views $(views $s)"; fi
-        if [ -f "$out/model.pt" ]; then add pretrain "$model $s" done ""
-        elif [ -z "${WILL_EXIST[$s]:-}" ]; then add pretrain "$model $s" "skip: no prepared $s" ""; continue
-        else add pretrain "$model $s" run "$LAUNCH pretrain.py --data $P/$s --model $model --out $out --resume $recipe $RECIPE_PRETRAIN $PRETRAIN_ARGS"
-             has pretrain || continue; fi
-        INITS[$model]+=" $s=$out/best.pt"   # the paper transferred its save_best checkpoint
+        for seed in $PRETRAIN_SEEDS; do
+            out=$OUT/pretrain/$model/$s/seed$seed name="$model $s seed $seed"
+            if [ -f "$out/model.pt" ]; then add pretrain "$name" done ""
+            elif [ -z "${WILL_EXIST[$s]:-}" ]; then add pretrain "$name" "skip: no prepared $s" ""; continue
+            else add pretrain "$name" run "$LAUNCH pretrain.py --data $P/$s --model $model --out $out --resume --seed $seed $recipe $RECIPE_PRETRAIN $PRETRAIN_ARGS"
+                 has pretrain || continue; fi
+            INITS[$model]+=" $s:$seed=$out/best.pt"   # the paper transferred its save_best checkpoint
+        done
     done
     # released weights (DATA/weights): the paper's ImageNet checkpoints, Google's BiT-S / BiT-M
     w=$DATA/weights bits=${model#R}
     [ -z "${WILL_EXIST[imagenet1k]:-}" ] && [ -f "$w/imagenet1k_bit$bits/model.pth.tar" ] && \
-        INITS[$model]+=" imagenet1k=$w/imagenet1k_bit$bits/model.pth.tar"
-    [ -f "$w/imagenet21k_bit$bits/model.pth.tar" ] && INITS[$model]+=" imagenet21k=$w/imagenet21k_bit$bits/model.pth.tar"
-    [ -f "$w/BiT-S-$model.npz" ] && INITS[$model]+=" bit-s=$w/BiT-S-$model.npz"
-    [ -f "$w/BiT-M-$model.npz" ] && INITS[$model]+=" bit-m=$w/BiT-M-$model.npz"
+        INITS[$model]+=" imagenet1k:=$w/imagenet1k_bit$bits/model.pth.tar"
+    [ -f "$w/imagenet21k_bit$bits/model.pth.tar" ] && INITS[$model]+=" imagenet21k:=$w/imagenet21k_bit$bits/model.pth.tar"
+    [ -f "$w/BiT-S-$model.npz" ] && INITS[$model]+=" bit-s:=$w/BiT-S-$model.npz"
+    [ -f "$w/BiT-M-$model.npz" ] && INITS[$model]+=" bit-m:=$w/BiT-M-$model.npz"
 done
 
 source_size() {  # pre-training images of a source, for the scale plot
@@ -247,16 +258,17 @@ for target in $TARGETS; do
     if [ -z "${WILL_EXIST[$target]:-}" ]; then add transfer "$target (every model and source)" "skip: no prepared $target" ""; continue; fi
     for model in $MODELS; do
         for entry in ${INITS[$model]}; do
-            source=${entry%%=*} init=${entry#*=}
-            name="$target $model $source ($n cells: shots $shots x seeds $SEEDS)"
+            head=${entry%%=*} init=${entry#*=}
+            source=${head%%:*} seed=${head#*:}
+            name="$target $model $source${seed:+ seed $seed} ($n cells: shots $shots x seeds $SEEDS)"
             # padchest validates on its held-out 10 % (merge renames it valid), which is the
             # PadChest target's test split: its best.pt was chosen on those rows. The paper
             # reports no such cell.
             if [[ $target == padchest && $source == *padchest ]]; then
                 add transfer "$name" "skip: $source validated on padchest's test split, its best.pt chosen on the target's test rows (not in the paper)" ""; continue; fi
             add transfer "$name" run "$LAUNCH fewshot.py --data $P/$target --init $init --source $source \
---source-size \$(source_size $source) --model $model --shots $shots --seeds $SEEDS --out $OUT \
---recipe paper $extra $RECIPE_TRANSFER $TRANSFER_ARGS"
+${seed:+--source-seed $seed }--source-size \$(source_size $source) --model $model --shots $shots --seeds $SEEDS \
+--out $OUT --recipe paper $extra $RECIPE_TRANSFER $TRANSFER_ARGS"
             cells=$((cells + n))
         done
     done

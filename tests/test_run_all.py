@@ -20,7 +20,7 @@ TARGETS = ["covidx", "tuberculosis", "padchest", "cifar10", "cifar100", "flowers
 
 def run_all(*args, env=None, timeout=60):
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("OUT", "MODELS", "SOURCES", "TARGETS", "SHOTS", "SEEDS", "STAGES", "NPROC")}
+                if k not in ("OUT", "MODELS", "SOURCES", "TARGETS", "SHOTS", "SEEDS", "PRETRAIN_SEEDS", "STAGES", "NPROC")}
     full_env.update(env or {})
     return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
@@ -44,7 +44,7 @@ def test_usage_text():
         assert r.returncode == 0 and r.stderr == ""
         assert r.stdout.startswith("usage: bash run_all.sh")
         for word in ("prepare", "pretrain", "transfer", "summary", "--plan", "Examples:", "OUT", "MODELS",
-                     "SOURCES", "TARGETS", "SHOTS", "SEEDS", "STAGES", "NPROC", "PREPARE_ARGS",
+                     "SOURCES", "TARGETS", "SHOTS", "SEEDS", "PRETRAIN_SEEDS", "STAGES", "NPROC", "PREPARE_ARGS",
                      "PRETRAIN_ARGS", "TRANSFER_ARGS"):
             assert word in r.stdout, word
 
@@ -54,6 +54,7 @@ def test_usage_text():
     (["--bogus"], {}, "unknown option --bogus"),
     ([], {"TARGETS": "tuberculosis mnist"}, "unknown target 'mnist'"),
     ([], {"STAGES": "prepare train"}, "unknown stage 'train'"),
+    ([], {"PRETRAIN_SEEDS": "0 one"}, "PRETRAIN_SEEDS: 'one' is not a seed"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, message):
     r = run_all(*args, env={"OUT": str(tmp_path / "out"), **env})
@@ -66,20 +67,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, message):
 def test_demo_plan_honours_settings(tmp_path):
     r = run_all("--plan", env={"OUT": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == ["R14x0.5 chexpert", "R14x0.5 chexpert_mimic"]
+    # each source pre-trained with three seeds, each transferred with three fine-tuning seeds
+    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == [f"R14x0.5 {s} seed {seed}" for s in
+                                                                ("chexpert", "chexpert_mimic") for seed in (0, 1, 2)]
     transfers = [n for s, n in plan_lines(r.stdout, "transfer")]
-    assert [n.split(" (")[0] for n in transfers] == [f"tuberculosis R14x0.5 {s}" for s in
-                                                      ("scratch", "chexpert", "chexpert_mimic")]
-    assert "transfer cells (fine-tuning runs): 60" in r.stdout   # 3 sources x 4 shots x 5 seeds
+    assert [n.split(" (")[0] for n in transfers] == ["tuberculosis R14x0.5 scratch"] + [
+        f"tuberculosis R14x0.5 {s} seed {seed}" for s in ("chexpert", "chexpert_mimic") for seed in (0, 1, 2)]
+    assert "transfer cells (fine-tuning runs): 84" in r.stdout   # (1 + 2 sources x 3) x 4 shots x 3 seeds
     assert not os.listdir(tmp_path)                              # --plan runs nothing
 
     r = run_all("--plan", env={"OUT": str(tmp_path), "MODELS": "R26x1", "SHOTS": "5 full", "SEEDS": "7",
-                               "SOURCES": "chexpert", "STAGES": "pretrain transfer"})
+                               "SOURCES": "chexpert", "STAGES": "pretrain transfer", "PRETRAIN_SEEDS": "5"})
     assert r.returncode == 0, r.stderr
-    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == ["R26x1 chexpert"]
+    assert [n for s, n in plan_lines(r.stdout, "pretrain")] == ["R26x1 chexpert seed 5"]
     assert "summary: 1 run (stage not in STAGES: nothing runs)" in r.stdout
     assert [n for s, n in plan_lines(r.stdout, "transfer")] == [
-        f"tuberculosis R26x1 {s} (2 cells: shots 5 full x seeds 7)" for s in ("scratch", "chexpert")]
+        f"tuberculosis R26x1 {s} (2 cells: shots 5 full x seeds 7)" for s in ("scratch", "chexpert seed 5")]
     # without the pretrain stage, only what is pre-trained already is transferred
     r = run_all("--plan", env={"OUT": str(tmp_path), "STAGES": "transfer"})
     assert [n.split(" (")[0] for s, n in plan_lines(r.stdout, "transfer")] == ["tuberculosis R14x0.5 scratch"]
@@ -98,11 +101,11 @@ def test_plan_of_every_raw_layout_shows_the_scale_axis(tmp_path):
     pretrain = dict((n, s) for s, n in plan_lines(r.stdout, "pretrain"))
     for model in ("R50x1", "R152x4"):
         for source in SCALE_AXIS + ["imagenet1k"]:
-            assert pretrain.get(f"{model} {source}") == "run", (model, source, r.stdout)
+            assert pretrain.get(f"{model} {source} seed 42") == "run", (model, source, r.stdout)  # the paper's seed
     transfer = [n for s, n in plan_lines(r.stdout, "transfer") if s == "run"]
     # the paper's shots per target, and Google's BiT-M for the model it is there for
     assert "covidx R50x1 bit-m (30 cells: shots 1 5 10 100 500 full x seeds 0 1 2 3 4)" in transfer
-    assert "flowers102 R152x4 chexpert_mimic_nih_padchest (20 cells: shots 1 5 10 full x seeds 0 1 2 3 4)" in transfer
+    assert "flowers102 R152x4 chexpert_mimic_nih_padchest seed 42 (20 cells: shots 1 5 10 full x seeds 0 1 2 3 4)" in transfer
     assert "padchest R50x1 scratch (25 cells: shots 1 5 10 100 full x seeds 0 1 2 3 4)" in transfer
     assert not any("R152x4 bit-m" in n for n in transfer)
     # 7 targets x 2 models x (scratch + 7 sources + imagenet1k) + bit-m for R50x1, less PadChest from
@@ -111,7 +114,7 @@ def test_plan_of_every_raw_layout_shows_the_scale_axis(tmp_path):
     skipped = [n for s, n in plan_lines(r.stdout, "transfer") if s == "skip"]
     for model in ("R50x1", "R152x4"):
         for source in ("padchest", "chexpert_mimic_nih_padchest"):
-            assert f"padchest {model} {source} (25 cells: shots 1 5 10 100 full x seeds 0 1 2 3 4): {source} " \
+            assert f"padchest {model} {source} seed 42 (25 cells: shots 1 5 10 100 full x seeds 0 1 2 3 4): {source} " \
                    "validated on padchest's test split, its best.pt chosen on the target's test rows (not in the " \
                    "paper)" in skipped
     assert len(skipped) == 4
@@ -183,14 +186,20 @@ def test_demo_runs_each_job_once_with_its_whole_command(tmp_path):
     r = run_all(env={"OUT": str(out), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     lines = calls.read_text().splitlines()
     jobs = [line for line in lines if line.split(" ")[0].endswith(".py")]   # n_train's `python -c` aside
-    assert [j.split()[0] for j in jobs] == ["prepare_data.py"] * 5 + ["pretrain.py"] * 2 + ["fewshot.py"] * 4
+    assert [j.split()[0] for j in jobs] == ["prepare_data.py"] * 5 + ["pretrain.py"] * 6 + ["fewshot.py"] * 8
     for j in jobs:
         if j.startswith("pretrain.py"):
             assert "--recipe paper" in j and "--epochs 8" in j and "--lr 0.8" in j and "--shift 0.1" in j
+            seed = j.split("--seed ")[1].split()[0]
+            assert f"/seed{seed} " in j   # one folder per pre-training seed
         if j.startswith("fewshot.py --data"):
-            assert "--recipe paper" in j and "--steps 40 --min-epochs 10" in j and "--seeds 0 1 2 3 4" in j
+            assert "--recipe paper" in j and "--steps 40 --min-epochs 10" in j and "--seeds 0 1 2 " in j
+            assert ("--source-seed" in j) == ("best.pt" in j)   # scratch has no pre-training seed
         if j.startswith("prepare_data.py --dataset tuberculosis"):
             assert "--size 34 --test-fraction 0.75" in j
-    assert sum("best.pt" in j for j in jobs) == 2   # transfer from the lowest-validation-loss weights
+    best = [j.split("--init ")[1].split()[0] for j in jobs if "best.pt" in j]  # the lowest-validation-loss weights
+    assert [b.split("/pretrain/")[1] for b in best] == [f"R14x0.5/{s}/seed{seed}/best.pt" for s in
+                                                        ("chexpert", "chexpert_mimic") for seed in (0, 1, 2)]
     assert r.returncode == 1
-    assert r.stderr.strip().endswith("run_all.sh: 2 job(s) failed:\n  pretrain R14x0.5 chexpert\n  pretrain R14x0.5 chexpert_mimic")
+    assert r.stderr.strip().endswith("run_all.sh: 6 job(s) failed:\n" + "\n".join(
+        f"  pretrain R14x0.5 {s} seed {seed}" for s in ("chexpert", "chexpert_mimic") for seed in (0, 1, 2)))
