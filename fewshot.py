@@ -248,7 +248,7 @@ def contrast_interval(values, weights, outcomes=None, cell_se=None, level=LEVEL)
     - pre-training seeds, per source and independently: two sources' pre-trainings share nothing.
       A source with one pre-training adds no part: its luck is then not in the interval;
     - fine-tuning seeds, one draw for every source (paired): a seed picks the same k-shot subset
-      whatever the source, since subsets are a function of labels, k and seed (and nested in k);
+      whatever the source, since a subset is a function of labels, k and seed (transfer.py);
     - test images, one draw for every cell (paired): all cells are scored on one test set. From
       per-image outcomes where every cell has them; else from the cells' own bootstrap intervals
       (sources as independent: wider than the paired truth); else not counted (`test` says which).
