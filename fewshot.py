@@ -43,7 +43,7 @@ def get_args_parser():
     parser.add_argument("--shots", nargs="+", type=transfer.parse_shots, default=[1, 5, 10, 100, 0],
                         help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
                              "the whole training split")
-    parser.add_argument("--seeds", nargs="+", type=models.at_least(0), default=[0, 1, 2, 3, 4],
+    parser.add_argument("--seeds", nargs="+", type=models.SEED, default=[0, 1, 2, 3, 4],
                         help="seeds of subset choice and training (the paper's 0..4)")
     parser.add_argument("--summarize", nargs="+", metavar="RESULTS", default=None,
                         help="only summarise results into summary.csv, summary.md, comparisons.csv, slopes.csv, "
@@ -985,4 +985,4 @@ def run_summary(args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser())
+    models.run_cli(main, get_args_parser(), memory_hint=transfer.MEMORY_HINT)

@@ -379,25 +379,46 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def at_least(minimum):
-    """argparse type: an int >= minimum, so that the parser names the flag of a bad value
-    (`argument --workers: must be >= 1, got -1`)."""
+def number(interval, kind=float):
+    """argparse type: a number of `kind` (int or float) in `interval`, written as in
+    mathematics ("[0, 1)", "(0, inf)"), so that the parser names the flag and the range of a bad
+    value (`argument --lr: must be a number in (0, inf), got nan`). NaN and inf never pass."""
+    low, high = map(float, interval[1:-1].split(","))
+
     def parse(text):
-        value = int(text)  # a ValueError becomes argparse's "invalid int value"
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value < high or value == low and interval[0] == "[" or value == high and interval[-1] == "]"):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {interval}, "
+                                             f"got {text}")
         return value
-    parse.__name__ = "int"
+    parse.__name__, parse.interval = kind.__name__, interval
     return parse
 
 
-def run_cli(main, parser, argv=None):
-    """Parse argv and run main(args); a UserError or missing file becomes a one-line error."""
+SEED = number("[0, 4294967295]", int)  # numpy's RandomState takes no larger seed
+
+
+def out_of_memory(e):
+    """Whether the exception is an allocation that failed (CUDA, numpy, or torch's CPU allocator)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("DefaultCPUAllocator: can't allocate memory", "not enough memory"))
+
+
+def run_cli(main, parser, argv=None, memory_hint="the batch size or the image size"):
+    """Parse argv and run main(args); a UserError or missing file becomes a one-line error, and
+    so does running out of memory, naming the settings to lower (`memory_hint`)."""
     args = parser.parse_args(argv)
     try:
         return main(args)
     except (UserError, FileNotFoundError) as e:
         parser.error(str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        parser.error(f"out of memory ({str(e).splitlines()[0][:200]}); lower {memory_hint}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -562,11 +583,31 @@ def folder_lock(folder):
                 os.rmdir(folder)
 
 
+def check_path(path, flag, folder=True):
+    """Refuse an output path of the wrong kind (a file where a folder is due, or the reverse), or
+    one that lies under a file: one line before anything is written, not an OSError after."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UserError(f"{flag} {path} lies under {above}, which is a file")
+
+
+def check_distinct(folders, flag):
+    """Refuse a folder given twice, by one path or two (its images would count twice)."""
+    real = [os.path.realpath(f) for f in folders]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            raise UserError(f"{flag} {folders[i]} is given twice (also as {folders[real.index(r)]}); "
+                            "each source counts once")
+
+
 def check_out(out, inputs=(), flag="--data"):
-    """Refuse an --out that is a file, or that is, or lies inside, one of the run's inputs (whose
-    files a run could then replace)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file, not a folder")
+    """Refuse an --out that is not a folder (check_path), or that is, or lies inside, one of the
+    run's inputs (whose files a run could then replace)."""
+    check_path(out, "--out")
     real = os.path.realpath(out)
     for folder in inputs:
         inside = os.path.realpath(folder)

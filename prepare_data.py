@@ -836,6 +836,9 @@ def assign_splits(t, spec, args, test_fraction, valid_fraction):
     if valid_fraction:
         train = split == "train"
         split[train] = patient_split(t["patient"][train].to_numpy(), "valid", valid_fraction, args.seed)
+        if not (split == "valid").any():  # small data: train without one rather than refuse
+            print0(f"no validation split: --valid-fraction {valid_fraction:g} of {len(set(t['patient'][train]))} "
+                   "training patients rounds to none")
     return split, order
 
 
@@ -870,13 +873,17 @@ def finish(raw, spec, args):
     test_fraction = spec.test_fraction if args.test_fraction is None else args.test_fraction
     valid_fraction = spec.valid_fraction[SPLIT_RULES.index(args.split_by)] if args.valid_fraction is None \
         else args.valid_fraction
+    applies = {"--test-fraction": bool(test_fraction > 0 and (t["split"] == "").any()),  # rows without a split
+               "--valid-fraction": valid_fraction > 0}
     t["split"], order = assign_splits(t, spec, args, test_fraction, valid_fraction)
     t = t.iloc[order]
     if t.empty:
         raise UserError("no image left to prepare (check --views and the label files)")
-    for name, asked in (("train", True), ("test", test_fraction > 0), ("valid", valid_fraction > 0)):
+    for name, asked, flags in (("train", True, applies), ("test", test_fraction > 0, ["--test-fraction"])):
         if asked and not (t["split"] == name).any():
-            raise UserError(f"the {name} split is empty ({len(t)} images; check --test-fraction / --valid-fraction)")
+            hint = " / ".join(f for f in flags if applies[f])
+            raise UserError(f"the {name} split is empty ({len(t)} images; "
+                            + (f"check {hint})" if hint else "the dataset's own split gives none)"))
     labels = raw.labels
     if "label" in t:
         labels = labels or sorted(t["label"].unique())
@@ -1435,7 +1442,7 @@ def get_args_parser():
                    + "; merge (prepared folders -> one, see --inputs); demo (synthetic raw folders written to --out)")
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
-    p.add_argument("--size", type=models.at_least(1), default=None,
+    p.add_argument("--size", type=models.number("[1, 8192]", int), default=None,
                    help="side of the stored square images (default: 512, the BiT-HyperRule's resize before its 480 "
                         "crop; CIFAR its native 32, resized on the device; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -1449,14 +1456,14 @@ def get_args_parser():
                         "folder, seed 42; Flowers-102 swapped; no validation carve-out from a target). patient: "
                         "stricter, for new studies: no patient in two splits, the official Flowers-102 split, and a "
                         "validation split by patient for NIH and PadChest")
-    p.add_argument("--valid-fraction", type=float, default=None,
+    p.add_argument("--valid-fraction", type=models.number("[0, 1)"), default=None,
                    help="fraction of the training patients moved to 'valid' (default: none where the dataset has "
                         "an official validation split or is a target; 0.1 for NIH and PadChest with --split-by "
                         "patient, and for imagefolder/csv)")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=models.number("[0, 1)"), default=None,
                    help="fraction held out as 'test' where there is no official test split (default: PadChest 0.1, "
                         "Tuberculosis 0.15 per folder, imagefolder/csv 0.15)")
-    p.add_argument("--seed", type=models.at_least(0), default=0,
+    p.add_argument("--seed", type=models.SEED, default=0,
                    help="seed of the patient-level splits and of the demo data (the paper's random splits: 42)")
     p.add_argument("--uncertain", choices=list(UNCERTAIN), default="ignore",
                    help="CheXpert/MIMIC/csv uncertain (-1) labels: ignore = unknown (masked), or map to 1 / 0")
@@ -1471,9 +1478,9 @@ def get_args_parser():
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
                    help="merge: the sorted intersection of the inputs' labels (the paper's rule), or the union "
                         "(unknown where a source lacks a label)")
-    p.add_argument("--workers", type=models.at_least(1), default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=models.number("[1, 1024]", int), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (1 = in this process)")
-    p.add_argument("--max-rejects", type=float, default=0.01,
+    p.add_argument("--max-rejects", type=models.number("[0, 1]"), default=0.01,
                    help="fail (exit 2, dataset left incomplete and resumable) above this fraction of rejected images")
     p.add_argument("--strict", action="store_true", help="fail on any rejected image")
     p.add_argument("--dry-run", action="store_true",
@@ -1487,12 +1494,11 @@ def get_args_parser():
 
 
 def check_args(args):
-    if not 0 <= (args.valid_fraction or 0) < 1 or not 0 <= (args.test_fraction or 0) < 1:
-        raise UserError("--valid-fraction and --test-fraction must be in [0, 1)")
     if args.dataset == "merge":
         models.check_out(args.out, args.inputs or [], "--inputs")
         if not args.inputs or len(args.inputs) < 2:
             raise UserError("merge needs --inputs with at least two prepared folders")
+        models.check_distinct(args.inputs, "--inputs")
     elif args.dataset == "demo":
         models.check_out(args.out)
     elif not args.root:
@@ -1618,4 +1624,4 @@ def write_rejects(state, table, out, args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser())
+    models.run_cli(main, get_args_parser(), memory_hint="--size or --workers")

@@ -94,28 +94,34 @@ def get_args_parser():
     add("--init", default=None, metavar="PATH",
         help="start from these weights (official BiT .npz or a checkpoint) instead of from scratch; "
              "the head starts at zero, the input normalisation is the weights' own")
-    add("--image-size", type=int, default=None, help=recipe("training resolution in pixels"))
-    add("--batch-size", type=int, default=None, help=recipe("global batch (all ranks and accumulation steps)"))
-    add("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
-    add("--epochs", type=int, default=None, help=recipe("training epochs"))
-    add("--lr", type=float, default=None, help=recipe("base learning rate per 256 images"))
+    add("--image-size", type=models.number("[1, 8192]", int), default=None,
+        help=recipe("training resolution in pixels"))
+    add("--batch-size", type=models.number("[1, 1e9]", int), default=None,
+        help=recipe("global batch (all ranks and accumulation steps)"))
+    add("--accum-steps", type=models.number("[1, 1e9]", int), default=1,
+        help="gradient accumulation micro-steps per optimizer step")
+    add("--epochs", type=models.number("[1, 1e9]", int), default=None, help=recipe("training epochs"))
+    add("--lr", type=models.number("(0, inf)"), default=None, help=recipe("base learning rate per 256 images"))
     warmup, decay = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    warmup.add_argument("--warmup-epochs", type=float, default=None, help=recipe("linear lr warm-up, in epochs"))
-    warmup.add_argument("--warmup-steps", type=int, default=None, help=recipe("linear lr warm-up, in steps"))
-    decay.add_argument("--decay-epochs", type=float, nargs="*", default=None,
+    warmup.add_argument("--warmup-epochs", type=models.number("[0, 1e6]"), default=None,
+                        help=recipe("linear lr warm-up, in epochs"))
+    warmup.add_argument("--warmup-steps", type=models.number("[0, 1e9]", int), default=None,
+                        help=recipe("linear lr warm-up, in steps"))
+    decay.add_argument("--decay-epochs", type=models.number("[0, 1e6]"), nargs="*", default=None,
                        help=recipe("epochs at which the lr is multiplied by 0.1"))
-    decay.add_argument("--decay-steps", type=int, nargs="*", default=None,
+    decay.add_argument("--decay-steps", type=models.number("[0, 1e9]", int), nargs="*", default=None,
                        help=recipe("optimizer steps at which the lr is multiplied by 0.1"))
     add("--allow-any-schedule", action="store_true",
         help="accept a warm-up that does not end before the first decay, or a run that never decays")
-    add("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    add("--weight-decay", type=float, default=None,
+    add("--momentum", type=models.number("[0, 1)"), default=0.9, help="SGD Nesterov momentum")
+    add("--weight-decay", type=models.number("[0, inf)"), default=None,
         help=recipe("L2 weight decay on all parameters, as in BiT (GroupNorm and biases included)"))
-    add("--agc", type=float, default=None,
+    add("--agc", type=models.number("[0, inf)"), default=None,
         help=recipe("Adaptive Gradient Clipping factor (unit-wise, eps 1e-3, classifier weight excluded); 0: off"))
-    add("--rotate", type=float, default=None, help=recipe("random rotation up to +-degrees"))
-    add("--shift", type=float, default=None, help=recipe("random shift up to this fraction of the side"))
-    add("--zoom", type=float, default=None, help=recipe("random scale in [1 - zoom, 1 + zoom]"))
+    add("--rotate", type=models.number("[0, 180]"), default=None, help=recipe("random rotation up to +-degrees"))
+    add("--shift", type=models.number("[0, 1)"), default=None,
+        help=recipe("random shift up to this fraction of the side"))
+    add("--zoom", type=models.number("[0, 1)"), default=None, help=recipe("random scale in [1 - zoom, 1 + zoom]"))
     add("--views", nargs="+", default=None,
         help=recipe("X-ray views to train on (e.g. PA AP \"AP Supine\" L COSTAL); 'all': no filter"))
     add("--device", default=None, help="cuda, cuda:N or cpu (default: the local rank's GPU if any, else cpu)")
@@ -125,12 +131,14 @@ def get_args_parser():
     add("--compile", action="store_true", help="torch.compile the model")
     add("--deterministic", action="store_true",
         help="deterministic algorithms only (bitwise-reproducible resumes; slower on GPUs)")
-    add("--workers", type=models.at_least(0), default=None,
+    add("--workers", type=models.number("[0, 1024]", int), default=None,
         help="DataLoader worker processes per rank (default: up to 8, fewer than the CPUs)")
-    add("--seed", type=models.at_least(0), default=42, help="seed of the init, data order and augmentation (paper: 42)")
-    add("--log-every", type=int, default=20, help=f"steps between log lines (and one at least every {LOG_SECONDS} s)")
-    add("--eval-every", type=int, default=0, help="steps between validations; 0: after every epoch (paper)")
-    add("--save-every", type=int, default=1000, help="steps between checkpoints")
+    add("--seed", type=models.SEED, default=42, help="seed of the init, data order and augmentation (paper: 42)")
+    add("--log-every", type=models.number("[1, 1e9]", int), default=20,
+        help=f"steps between log lines (and one at least every {LOG_SECONDS} s)")
+    add("--eval-every", type=models.number("[0, 1e9]", int), default=0,
+        help="steps between validations; 0: after every epoch (paper)")
+    add("--save-every", type=models.number("[1, 1e9]", int), default=1000, help="steps between checkpoints")
     add("--resume", action="store_true",
         help="continue from OUT/checkpoint.pt if it exists; without it an existing checkpoint is an error")
     add("--resume-changed", action="store_true",
@@ -289,9 +297,6 @@ def eval_input(images, args, scale=None):
 
 def main(args):
     args = resolve_recipe(args)
-    for name in ("batch_size", "accum_steps", "epochs", "log_every", "save_every", "image_size"):
-        if getattr(args, name) < 1:
-            raise models.UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.model not in models.MODEL_NAMES:
         raise models.UserError(f"unknown model {args.model!r}; choose from {', '.join(models.MODEL_NAMES)}")
     if args.init is not None and not os.path.isfile(args.init):
@@ -299,6 +304,7 @@ def main(args):
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise models.UserError(f"--device {args.device}: no CUDA GPU is available here")
     models.check_out(args.out, args.data, "--data")
+    models.check_distinct(args.data, "--data")
     with models.distributed(args.device) as env:
         args.dtype = args.dtype or models.default_dtype(env.device)
         args.workers = models.default_workers() if args.workers is None else args.workers
@@ -498,4 +504,4 @@ def warn_if_long_cpu_run(steps, seconds_per_step, args, env):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser())
+    models.run_cli(main, get_args_parser(), memory_hint="--batch-size (or raise --accum-steps) or --image-size")

@@ -68,6 +68,8 @@ RESULT_COLUMNS = KEY_COLUMNS + IDENTITY_COLUMNS + ["source_size", "task", "headl
                                 "ci_high", "outcomes", "num_train", "num_eval", "steps", "input_norm", "pipeline",
                                 "wall_s", "commit", "args"]
 FAILURE_COLUMNS = KEY_COLUMNS + ["reason", "num_train", "commit", "time"]
+# What to lower when a run is out of memory (models.run_cli).
+MEMORY_HINT = "--batch-size (or raise --batch-split), --crop or --resize"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -615,6 +617,8 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     except Stopped:
         raise
     except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid
+        if models.out_of_memory(e):  # a setting every cell shares (run_cli: one line naming it)
+            raise
         reason = f"{type(e).__name__}: {e}".replace("\n", " ")
         models.print0(f"failed {describe(key)}: {reason}")
         if env.is_master:
@@ -654,16 +658,17 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
 
 def add_arguments(parser):
     """The flags of transfer.py that fewshot.py shares (all but --shots and --seed)."""
-    add = parser.add_argument
+    add, num = parser.add_argument, models.number
     add("--data", help="prepared target dataset folder (prepare_data.py output)")
     add("--init", default="scratch", help="'scratch' or weights to start from: a pretrain.py checkpoint, an "
         "official BiT .npz, the paper's .pth.tar or timm weights (models.load_weights)")
     add("--model", default="R50x1", choices=models.MODEL_NAMES, help="network")
     add("--source", default=None, help="name of the pre-training source in the results (default: 'scratch', or "
         "the --init path relative to the working directory, so two weight files never share a name)")
-    add("--source-seed", type=int, default=None, help="the pre-training seed of the --init weights, recorded so "
-        "that the summary counts pre-training seeds as a source of variation (run_all.sh sets it)")
-    add("--source-size", type=int, default=None, help="number of pre-training images, recorded for the size plot")
+    add("--source-seed", type=models.SEED, default=None, help="the pre-training seed of the --init weights, "
+        "recorded so that the summary counts pre-training seeds as a source of variation (run_all.sh sets it)")
+    add("--source-size", type=num("[1, 1e12]", int), default=None,
+        help="number of pre-training images, recorded for the size plot")
     add("--target", default=None, help="name of the target in the results (default: meta.json name or folder name)")
     add("--out", default="runs/transfer", help="output folder, one run or grid at a time (for grids at the "
         "same time: one --out each and a shared --results)")
@@ -677,27 +682,32 @@ def add_arguments(parser):
     add("--multilabel-mode", default="multi", choices=["single", "multi"], help="multi-label targets: single = "
         "images with exactly one positive, trained single-label (results under TARGET_single); multi = >= k "
         "positives per label, trained multi-label")
-    add("--batch-size", type=int, default=None, help="global batch size (default: the recipe's)")
-    add("--batch-split", type=int, default=1, help="micro-batches per step (gradient accumulation) so a big model fits")
-    add("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
-    add("--steps", type=int, default=None, help="total steps; warm-up and decays keep their fractions "
-        "(default: HyperRule)")
-    add("--min-epochs", type=float, default=None, help="at least this many passes over the training subset: "
-        "more steps than the schedule's where needed, same fractions (default: none)")
-    add("--resize", type=int, default=None, help="train resize side (default: HyperRule; chest pipeline: the crop)")
-    add("--crop", type=int, default=None, help="random crop side for training, eval resize side (default: "
-        "HyperRule; chest pipeline: 224)")
-    add("--mixup", type=float, default=None, help="MixUp alpha, 0 = off (default: HyperRule)")
+    add("--batch-size", type=num("[1, 1e9]", int), default=None, help="global batch size (default: the recipe's)")
+    add("--batch-split", type=num("[1, 1e9]", int), default=1,
+        help="micro-batches per step (gradient accumulation) so a big model fits")
+    add("--lr", type=num("(0, inf)"), default=None, help="learning rate (default: the recipe's)")
+    add("--steps", type=num("[1, 1e9]", int), default=None, help="total steps; warm-up and decays keep their "
+        "fractions (default: HyperRule)")
+    add("--min-epochs", type=num("[0, 1e6]"), default=None, help="at least this many passes over the training "
+        "subset: more steps than the schedule's where needed, same fractions (default: none)")
+    add("--resize", type=num("[1, 8192]", int), default=None,
+        help="train resize side (default: HyperRule; chest pipeline: the crop)")
+    add("--crop", type=num("[1, 8192]", int), default=None, help="random crop side for training, eval resize side "
+        "(default: HyperRule; chest pipeline: 224)")
+    add("--mixup", type=num("[0, 100]"), default=None, help="MixUp alpha, 0 = off (default: HyperRule)")
     add("--oversample", action="store_true", help="sample classes equally often in full-shot runs (the paper's "
         "choice for COVIDx and Flowers; k-shot subsets are balanced already)")
     add("--linear-probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
-    add("--probe-c", type=float, default=1.0, help="inverse L2 strength of the linear probe (scikit-learn's C)")
-    add("--probe-iters", type=int, default=500, help="L-BFGS iterations of the linear probe")
+    add("--probe-c", type=num("(0, inf)"), default=1.0,
+        help="inverse L2 strength of the linear probe (scikit-learn's C)")
+    add("--probe-iters", type=num("[1, 1e9]", int), default=500, help="L-BFGS iterations of the linear probe")
     add("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
         help="autocast precision (default: bf16 on CUDA, fp32 on a CPU)")
     add("--device", default=None, help="device (default: cuda:LOCAL_RANK if available, else cpu)")
-    add("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of the headline metric")
-    add("--log-every", type=int, default=50, help="steps between log lines (and one at least every minute)")
+    add("--bootstrap", type=num("[0, 1e6]", int), default=1000,
+        help="bootstrap resamples for the 95%% interval of the headline metric")
+    add("--log-every", type=num("[1, 1e9]", int), default=50,
+        help="steps between log lines (and one at least every minute)")
     add("--save", action="store_true", help="also save the fine-tuned weights (model.pt in the cell's folder)")
     return parser
 
@@ -719,7 +729,7 @@ def get_args_parser():
     parser = add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--shots", type=parse_shots, default=0,
                         help="examples per class (a class with fewer keeps all it has); 0 or 'full': all")
-    parser.add_argument("--seed", type=models.at_least(0), default=0,
+    parser.add_argument("--seed", type=models.SEED, default=0,
                         help="seed of the subset, the new head, batch order, augmentation and MixUp")
     return parser
 
@@ -729,18 +739,10 @@ def finish_args(args):
     if not args.data:
         raise models.UserError("--data is required")
     models.check_out(args.out, [args.data], "--data")
+    if args.results:
+        models.check_path(args.results, "--results", folder=False)
     meta = read_meta(args.data)
     check_device(args.device)
-    for flag in ("batch_size", "batch_split", "steps", "resize", "crop", "log_every", "probe_iters"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise models.UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    for flag, value, ok, rule in [("bootstrap", args.bootstrap, args.bootstrap >= 0, ">= 0"),
-                                  ("lr", args.lr, args.lr is None or args.lr > 0, "> 0"),
-                                  ("mixup", args.mixup, args.mixup is None or args.mixup >= 0, ">= 0"),
-                                  ("probe-c", args.probe_c, args.probe_c > 0, "> 0")]:
-        if not ok:
-            raise models.UserError(f"--{flag} must be {rule}, got {value}")
     args.source = args.source or default_source(args.init)
     args.target = args.target or meta.get("name") or os.path.basename(os.path.normpath(args.data))
     args.pipeline = meta.get("pipeline", "bit") if args.pipeline == "auto" else args.pipeline
@@ -833,4 +835,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser())
+    models.run_cli(main, get_args_parser(), memory_hint=MEMORY_HINT)
