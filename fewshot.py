@@ -38,7 +38,8 @@ NUMERIC_COLUMNS = METRICS + ["source_size", "ci_low", "ci_high", "num_eval", "me
 
 
 def get_args_parser():
-    parser = transfer.add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser = transfer.add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                          memory_hint=transfer.MEMORY_HINT))
     parser.set_defaults(multilabel_mode="single")
     parser.add_argument("--shots", nargs="+", type=transfer.parse_shots, default=[1, 5, 10, 100, 0],
                         help="examples per class (a class with fewer keeps all it has); 0 or 'full' = "
@@ -985,4 +986,4 @@ def run_summary(args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser(), memory_hint=transfer.MEMORY_HINT)
+    models.run_cli(main, get_args_parser())

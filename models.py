@@ -370,10 +370,12 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and one-line errors (no usage dump)."""
+    """argparse with defaults shown in --help and one-line errors (no usage dump); memory_hint:
+    the settings to lower when the run is out of memory (run_cli)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, memory_hint="the batch size or the image size", **kwargs):
         super().__init__(*args, formatter_class=_DefaultsFormatter, **kwargs)
+        self.memory_hint = memory_hint
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -407,9 +409,9 @@ def out_of_memory(e):
         m in str(e) for m in ("DefaultCPUAllocator: can't allocate memory", "not enough memory"))
 
 
-def run_cli(main, parser, argv=None, memory_hint="the batch size or the image size"):
+def run_cli(main, parser, argv=None):
     """Parse argv and run main(args); a UserError or missing file becomes a one-line error, and
-    so does running out of memory, naming the settings to lower (`memory_hint`)."""
+    so does running out of memory, naming the settings to lower (parser.memory_hint)."""
     args = parser.parse_args(argv)
     try:
         return main(args)
@@ -418,7 +420,8 @@ def run_cli(main, parser, argv=None, memory_hint="the batch size or the image si
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        parser.error(f"out of memory ({str(e).splitlines()[0][:200]}); lower {memory_hint}")
+        detail = " ".join(str(e).split())[:160] or type(e).__name__
+        parser.error(f"out of memory ({detail}); lower {parser.memory_hint}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1436,7 +1436,8 @@ def make_demo(raw_root, seed=0, n_chexpert=2000, n_mimic=1350, n_target=600, ima
 # Command line
 
 def get_args_parser():
-    p = models.ArgumentParser(description="Prepare a dataset: raw download -> images.npy + labels.csv + meta.json.")
+    p = models.ArgumentParser(description="Prepare a dataset: raw download -> images.npy + labels.csv + meta.json.",
+                              memory_hint="--size or --workers")
     p.add_argument("--dataset", required=True, choices=list(DATASETS) + ["merge", "demo"], metavar="NAME",
                    help="one of: " + "; ".join(f"{k} ({s.task}, split: {s.paper_split})" for k, s in DATASETS.items())
                    + "; merge (prepared folders -> one, see --inputs); demo (synthetic raw folders written to --out)")
@@ -1624,4 +1625,4 @@ def write_rejects(state, table, out, args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser(), memory_hint="--size or --workers")
+    models.run_cli(main, get_args_parser())

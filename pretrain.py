@@ -81,7 +81,8 @@ LONG_CPU_RUN_HOURS = 1
 
 def get_args_parser():
     p = models.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              epilog="Flags marked (recipe) default to the value of --recipe (RECIPES).")
+                              epilog="Flags marked (recipe) default to the value of --recipe (RECIPES).",
+                              memory_hint="--batch-size (or raise --accum-steps) or --image-size")
     add, recipe = p.add_argument, lambda help: help + " (recipe)"
     add("--data", action="append", required=True, metavar="PREPARED",
         help="prepared dataset folder (prepare_data.py); repeat to train on several at once, their "
@@ -504,4 +505,4 @@ def warn_if_long_cpu_run(steps, seconds_per_step, args, env):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser(), memory_hint="--batch-size (or raise --accum-steps) or --image-size")
+    models.run_cli(main, get_args_parser())

@@ -68,7 +68,7 @@ RESULT_COLUMNS = KEY_COLUMNS + IDENTITY_COLUMNS + ["source_size", "task", "headl
                                 "ci_high", "outcomes", "num_train", "num_eval", "steps", "input_norm", "pipeline",
                                 "wall_s", "commit", "args"]
 FAILURE_COLUMNS = KEY_COLUMNS + ["reason", "num_train", "commit", "time"]
-# What to lower when a run is out of memory (models.run_cli).
+# What to lower when a run is out of memory (models.run_cli); fewshot.py shares it.
 MEMORY_HINT = "--batch-size (or raise --batch-split), --crop or --resize"
 
 
@@ -726,7 +726,7 @@ def parse_shots(value):
 
 
 def get_args_parser():
-    parser = add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    parser = add_arguments(models.ArgumentParser(description=__doc__.split("\n\n")[0], memory_hint=MEMORY_HINT))
     parser.add_argument("--shots", type=parse_shots, default=0,
                         help="examples per class (a class with fewer keeps all it has); 0 or 'full': all")
     parser.add_argument("--seed", type=models.SEED, default=0,
@@ -835,4 +835,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    models.run_cli(main, get_args_parser(), memory_hint=MEMORY_HINT)
+    models.run_cli(main, get_args_parser())

@@ -363,7 +363,7 @@ def test_ctrl_c_keeps_finished_rows(prepared, tmp_path):
 # Command line
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "DATA", "--seeds", "0", "-1"], "argument --seeds: must be >= 0, got -1"),
+    (["--data", "DATA", "--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 4294967295], got -1"),
     (["--data", "DATA", "--shots", "abc"], "shots must be a count or 'full'"),
     (["--data", "DATA", "--shots", "-1"], "shots must be >= 0"),
     (["--summarize", "/nonexistent/run"], "no results file"),

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import resource
@@ -894,3 +895,124 @@ def test_unreadable_results_csv_is_one_line_and_kept(tmp_path, target, script):
         r = run("fewshot", "--summarize", results)
     assert_one_line_error(r, 2, "results.csv")
     assert results.read_bytes() == b"method,source\nfinetune,\xff\xfe\n"
+
+
+# -- issue 21: every numeric flag checked (args)
+
+def numeric(action):
+    return action.type in (int, float, transfer.parse_shots) or hasattr(action.type, "interval")
+
+
+def bad_values(action):
+    """NaN, infinities, a negative, and the nearest values outside the flag's declared range."""
+    values = ["nan", "inf", "-inf", "-1"]
+    if action.choices:
+        values.append(str(max(action.choices) + 1))
+    if hasattr(action.type, "interval"):
+        interval, step = action.type.interval, 1 if action.type.__name__ == "int" else 1e-6
+        low, high = map(float, interval[1:-1].split(","))
+        for value in (low if interval[0] == "(" else low - step, high if interval[-1] == ")" else high + step):
+            if math.isfinite(value):
+                values.append(str(int(value)) if step == 1 else repr(value))
+    return list(dict.fromkeys(values))
+
+
+# every numeric flag of every script (read from the parsers: a new flag joins the table) x bad values
+NUMERIC_CASES = [(script, action.option_strings[0], value) for script, module in SCRIPTS.items()
+                 for action in module.get_args_parser()._actions if numeric(action) for value in bad_values(action)]
+REQUIRED = {"prepare": ["--dataset", "csv"], "pretrain": ["--data", "d"], "transfer": [], "fewshot": []}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_declares_its_range(script):
+    plain = [a.option_strings[0] for a in SCRIPTS[script].get_args_parser()._actions
+             if a.type in (int, float) and not a.choices]
+    assert not plain, f"give {plain} a range: type=models.number(...)"
+
+
+@pytest.mark.parametrize("script, flag, value", NUMERIC_CASES)
+def test_bad_numeric_value_is_one_line_naming_flag_and_range(tmp_path, capsys, script, flag, value):
+    parser = SCRIPTS[script].get_args_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(REQUIRED[script] + ["--out", str(tmp_path / "out"), f"{flag}={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"argument {flag}:" in err[0], err
+    interval = getattr(next(a for a in parser._actions if flag in a.option_strings).type, "interval", "")
+    assert interval in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("pretrain", ["--lr", "-1"]), ("pretrain", ["--momentum", "1"]), ("transfer", ["--min-epochs", "nan"]),
+    ("fewshot", ["--linear-probe", "--probe-c", "nan"]), ("transfer", ["--seed", "9223372036854775808"]),
+    ("prepare_data", ["--dataset", "merge", "--inputs", "A", "A", "--max-rejects", "inf"])])
+def test_bad_numeric_value_end_to_end(tmp_path, target, script, argv):
+    out, flag, argv = tmp_path / "out", argv[-2], [target if a == "A" else a for a in argv]
+    if script != "prepare_data":
+        argv += ["--data", target, *(PRETRAIN_TINY if script == "pretrain" else TRANSFER_TINY)]
+    proc = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *map(str, argv), "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), 2, f"argument {flag}:")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script, where", [("pretrain", "train"), ("transfer", "fit_cell"),
+                                           ("fewshot", "fit_cell"), ("prepare", "convert_all")])
+def test_out_of_memory_is_one_line_naming_the_setting(tmp_path, target, monkeypatch, script, where):
+    def fail(*args, **kwargs):
+        if script == "prepare":
+            raise MemoryError()
+        if script == "pretrain":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 8589934592 bytes.")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    monkeypatch.setattr({"prepare": P, "pretrain": pretrain}.get(script, transfer), where, fail)
+    if script == "prepare":
+        argv = prepare_csv_args(csv_root(tmp_path), tmp_path / "out")
+    else:
+        argv = ["--data", target, "--out", tmp_path / "out", *(PRETRAIN_TINY if script == "pretrain" else TRANSFER_TINY)]
+    r = run(script, *argv)
+    assert_one_line_error(r, 2, "out of memory")
+    assert ("--size" if script == "prepare" else "--batch-size") in r.err
+    assert not (tmp_path / "out" / "failures.csv").exists()  # not a cell's failure: every cell shares it
+
+
+@pytest.mark.parametrize("how", ["same path", "two paths"])
+@pytest.mark.parametrize("script", ["merge", "pretrain"])
+def test_a_source_given_twice_is_refused(tmp_path, target, script, how):
+    other = target
+    if how == "two paths":
+        other = tmp_path / "link"
+        os.symlink(target, other)
+    out = tmp_path / "out"
+    if script == "merge":
+        r = run("prepare", "--dataset", "merge", "--inputs", target, other, "--out", out)
+    else:
+        r = run("pretrain", "--data", target, "--data", other, "--out", out, *PRETRAIN_TINY)
+    assert_one_line_error(r, 2, "twice")
+    assert str(other) in r.err and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["--results folder", "--results under-file", "--out under-file"])
+@pytest.mark.parametrize("script", ["transfer", "fewshot"])
+def test_output_path_of_the_wrong_kind_is_one_line(tmp_path, target, script, case):
+    flag, kind = case.split()
+    (tmp_path / "notes").write_text("mine\n")
+    path = tmp_path if kind == "folder" else tmp_path / "notes" / "x"
+    argv = ["--data", target, *TRANSFER_TINY, "--out", tmp_path / "out", flag, path]
+    r = run(script, *argv + (["--shots", "1", "--seeds", "0"] if script == "fewshot" else []))
+    assert_one_line_error(r, 2, flag)
+    assert sorted(os.listdir(tmp_path)) == ["notes"] and (tmp_path / "notes").read_text() == "mine\n"
+
+
+def test_validation_carve_out_of_a_small_csv_is_skipped_with_one_line(tmp_path):
+    root = csv_root(tmp_path, n=5)
+    table = pd.read_csv(root / "labels.csv").assign(split=["train"] * 3 + ["test"] * 2)
+    table.to_csv(root / "labels.csv", index=False)
+    r = run("prepare", *prepare_csv_args(root, tmp_path / "out"))
+    assert r.rc == 0 and "no validation split" in r.out, r
+    assert set(P.PreparedDataset(str(tmp_path / "out")).table["split"]) == {"train", "test"}
+    table.assign(split="train").to_csv(root / "labels.csv", index=False)  # no test rows: --test-fraction is moot
+    r = run("prepare", *prepare_csv_args(root, tmp_path / "out2"))
+    assert_one_line_error(r, 2, "test split is empty")
+    assert "--test-fraction" not in r.err and not (tmp_path / "out2").exists()
