@@ -667,8 +667,8 @@ def add_arguments(parser):
         "the --init path relative to the working directory, so two weight files never share a name)")
     add("--source-seed", type=models.SEED, default=None, help="the pre-training seed of the --init weights, "
         "recorded so that the summary counts pre-training seeds as a source of variation (run_all.sh sets it)")
-    add("--source-size", type=num("[1, 1e12]", int), default=None,
-        help="number of pre-training images, recorded for the size plot")
+    add("--source-size", type=num("[0, 1e12]", int), default=None,
+        help="number of pre-training images (0: none, from scratch), recorded for the size plot")
     add("--target", default=None, help="name of the target in the results (default: meta.json name or folder name)")
     add("--out", default="runs/transfer", help="output folder, one run or grid at a time (for grids at the "
         "same time: one --out each and a shared --results)")
