@@ -932,6 +932,8 @@ def test_every_numeric_flag_declares_its_range(script):
 
 @pytest.mark.parametrize("script, flag, value", NUMERIC_CASES)
 def test_bad_numeric_value_is_one_line_naming_flag_and_range(tmp_path, capsys, script, flag, value):
+    """Parsing alone, so that the table stays fast: the end-to-end runs below show that nothing
+    is written when the parser refuses."""
     parser = SCRIPTS[script].get_args_parser()
     with pytest.raises(SystemExit) as e:
         parser.parse_args(REQUIRED[script] + ["--out", str(tmp_path / "out"), f"{flag}={value}"])
@@ -939,7 +941,6 @@ def test_bad_numeric_value_is_one_line_naming_flag_and_range(tmp_path, capsys, s
     assert e.value.code == 2 and len(err) == 1 and f"argument {flag}:" in err[0], err
     interval = getattr(next(a for a in parser._actions if flag in a.option_strings).type, "interval", "")
     assert interval in err[0]
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("script, argv", [
@@ -970,7 +971,8 @@ def test_out_of_memory_is_one_line_naming_the_setting(tmp_path, target, monkeypa
     if script == "prepare":
         argv = prepare_csv_args(csv_root(tmp_path), tmp_path / "out")
     else:
-        argv = ["--data", target, "--out", tmp_path / "out", *(PRETRAIN_TINY if script == "pretrain" else TRANSFER_TINY)]
+        tiny = PRETRAIN_TINY if script == "pretrain" else TRANSFER_TINY
+        argv = ["--data", target, "--out", tmp_path / "out", *tiny]
     r = run(script, *argv)
     assert_one_line_error(r, 2, "out of memory")
     assert ("--size" if script == "prepare" else "--batch-size") in r.err
