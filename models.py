@@ -23,6 +23,7 @@ import re
 import signal
 import socket
 import sys
+import urllib.parse
 import zipfile
 from collections import OrderedDict
 
@@ -607,16 +608,37 @@ def check_distinct(folders, flag):
                             "each source counts once")
 
 
-def check_out(out, inputs=(), flag="--data"):
-    """Refuse an --out that is not a folder (check_path), or that is, or lies inside, one of the
-    run's inputs (whose files a run could then replace)."""
+def inside(path, folder):
+    """Whether `path` is `folder` or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_out(out, inputs, outputs=None, owned=True):
+    """Refuse an --out that is not a folder (check_path), and a run whose outputs could replace its inputs' files.
+    `inputs`: {flag: path or paths} (None: not given). --out and `outputs` ({what: path} the
+    run writes elsewhere, e.g. --results) may not be, or lie inside, an input; with `owned` (the
+    run writes anywhere in --out) no input may lie inside --out either."""
     check_path(out, "--out")
-    real = os.path.realpath(out)
-    for folder in inputs:
-        inside = os.path.realpath(folder)
-        if os.path.commonpath([real, inside]) == inside:
-            raise UserError(f"--out {out} {'is' if real == inside else 'lies inside'} the input {flag} "
-                            f"{folder}; choose an output folder outside the inputs")
+    for flag, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            for what, written in {"--out": out, **(outputs or {})}.items():
+                if inside(written, path):
+                    verb = "is" if os.path.realpath(written) == os.path.realpath(path) else "lies inside"
+                    raise UserError(f"{what} {written} {verb} the input {flag} {path}; choose outputs "
+                                    "outside the inputs")
+            if owned and inside(path, out):
+                raise UserError(f"the input {flag} {path} lies inside --out {out}, whose files the run "
+                                "writes; keep inputs outside the output folder")
+
+
+def safe_name(name):
+    """`name` (a target, source, model) as one file or folder name: every character but letters,
+    digits and + = @ , - _ . ~ percent-encoded (a/b -> a%2Fb; distinct names stay distinct), so a
+    name never leads outside the folder it names something in; '', '.' and '..' are refused."""
+    if name in ("", ".", ".."):
+        raise UserError(f"{name!r} cannot name a folder; choose another name")
+    return urllib.parse.quote(name, safe="+=@,-_.", errors="surrogateescape")
 
 
 def save_args(folder, args, name="args.json"):

@@ -300,7 +300,9 @@ PADCHEST_PAPER_EXCLUDED = frozenset(f"{name}.png" for name in """
 """.split())
 CHEXPERT_CODES = {-1.0, 0.0, 1.0}   # uncertain, negative, positive; blank = not mentioned
 UNCERTAIN = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}   # what --uncertain makes of a -1
-COVIDX_CLASSES = {"positive", "negative", "normal", "pneumonia", "covid-19"}
+# COVIDx classes as its documentation spells them (CXR-2: positive / negative; older lists: normal /
+# pneumonia / COVID-19), matched whatever the case: NEGATIVE, Negative and negative are one class.
+COVIDX_CLASSES = {name.casefold(): name for name in ("positive", "negative", "normal", "pneumonia", "COVID-19")}
 
 
 def chexpert_labels(table, file, uncertain="ignore", blank="ignore"):
@@ -344,6 +346,7 @@ class Raw(NamedTuple):
     base: str = ""
     dropped: dict = {}
     images: np.ndarray = None     # in-memory uint8 images, row i of table (CIFAR)
+    task: str = None              # multiclass | multilabel where the data decides (csv), else Spec.task
 
 
 def listed(rows, base, classes=None, images=None):
@@ -552,10 +555,10 @@ def parse_covidx_line(line):
     `patient file label` in old lists; the patient id may itself contain spaces
     ("COVID 1 COVID(1).png positive sirm"), so fields are taken from the right."""
     tokens = line.split()
-    k = len(tokens) - 1 if tokens[-1].lower() in COVIDX_CLASSES else len(tokens) - 2
-    if k < 2 or tokens[k].lower() not in COVIDX_CLASSES:
+    k = len(tokens) - 1 if tokens[-1].casefold() in COVIDX_CLASSES else len(tokens) - 2
+    if k < 2 or tokens[k].casefold() not in COVIDX_CLASSES:
         raise UserError(f"cannot parse COVIDx line {line.strip()!r}")
-    return " ".join(tokens[:k - 1]), tokens[k - 1], tokens[k]
+    return " ".join(tokens[:k - 1]), tokens[k - 1], COVIDX_CLASSES[tokens[k].casefold()]
 
 
 def parse_covidx(args):
@@ -625,8 +628,10 @@ def parse_imagenet(args):
 
 def parse_csv(args):
     """The user's own data: --labels-csv with a `path` column (relative to --root) and label
-    columns, optional patient/view/split. Label columns holding 1 / 0 / empty (unknown) / -1
-    (uncertain, see --uncertain) -> multilabel; one column of class names -> multiclass."""
+    columns, optional patient/view/split. One column of class names -> multiclass; label columns
+    holding 1 / 0 / empty (unknown) / -1 (uncertain, see --uncertain) -> multilabel, or with
+    --task multiclass, one 0/1 column per class with one 1 per row -> multiclass; that layout
+    fits both, so it needs --task."""
     if not args.labels_csv:
         raise UserError("--dataset csv needs --labels-csv")
     file = args.labels_csv
@@ -641,6 +646,8 @@ def parse_csv(args):
     # there is an error, not a reason to read the file as class names.
     binary = [c for c in label_cols if coded[c].mean() >= 0.9 or pd.to_numeric(cells[c], errors="coerce").notna().all()]
     if len(label_cols) == 1 and not binary:
+        if args.task == "multilabel":
+            raise UserError(f"{file}: --task multilabel needs 0/1 label columns, not one column of class names")
         t["label"], labels = cells[label_cols[0]], None
         if (t["label"] == "").any():
             raise UserError(f"{file} line {first_true(t['label'] == '') + 2} column {label_cols[0]!r}: "
@@ -653,12 +660,23 @@ def parse_csv(args):
                                 "(label columns hold 1/0/empty, or are one column of class names, which are not "
                                 "numbers)")
         v = pd.DataFrame({c: pd.to_numeric(cells[c], errors="coerce") for c in label_cols})
-        t[label_cols], labels = v.mask(v == -1, UNCERTAIN[args.uncertain]), label_cols
+        one_hot = len(label_cols) > 1 and v.isin([0, 1]).all(axis=None) and (v.sum(axis=1) == 1).all()
+        if one_hot and not args.task:
+            raise UserError(f"{file}: every row has exactly one 1 in the columns {', '.join(label_cols)}: one class "
+                            "per image or labels that may co-occur? Pass --task multiclass or --task multilabel")
+        if args.task == "multiclass" and not one_hot:
+            raise UserError(f"{file}: --task multiclass needs one column of class names, or 0/1 columns with "
+                            "exactly one 1 per row")
+        if one_hot and args.task == "multiclass":
+            t["label"], labels = v.idxmax(axis=1), None
+        else:
+            t[label_cols], labels = v.mask(v == -1, UNCERTAIN[args.uncertain]), label_cols
     split = t["split"].replace({"val": "valid", "validate": "valid"}) if "split" in t else pd.Series([""] * len(t))
     check_split_names(split, set(SPLITS) | {""}, file)
     table = pd.DataFrame({"path": t["path"], "patient": t["patient"] if "patient" in t else t["path"],
                           "view": t["view"] if "view" in t else "", "split": split})
-    return Raw(pd.concat([table, t[["label"] if labels is None else labels]], axis=1), labels, args.root)
+    return Raw(pd.concat([table, t[["label"] if labels is None else labels]], axis=1), labels, args.root,
+               task="multiclass" if labels is None else "multilabel")
 
 
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flowers102", "pets": "OxfordIIITPet"}
@@ -863,7 +881,7 @@ def finish(raw, spec, args):
     and rows in the order assign_splits gives, classes one-hot, `file` joined to the base folder.
     The table's index is the row of `raw.table` (CIFAR's in-memory images follow it)."""
     dropped = dict(raw.dropped)
-    t = drop_listed_twice(raw.table.copy(), dropped)
+    t = drop_listed_twice(raw.table.fillna({"path": ""}), dropped)   # an empty path: a reject (prepare)
     if spec.views:
         t["view"] = t["view"].fillna("").replace(VIEW_NAMES.get(args.dataset, {}))
         if "all" not in args.views:
@@ -911,21 +929,46 @@ def to_uint8(values, lo, hi):
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def decode_dicom(path, channels):
-    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)), by the module docstring's rules."""
+def check_pixels(pixels, what):
+    """Refuse an image that declares more pixels than the budget before decoding it, whatever its
+    format: Pillow's MAX_IMAGE_PIXELS (89.5 Mpx), so that a small file never expands to GBs."""
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{what} of {pixels} pixels exceeds the budget of {Image.MAX_IMAGE_PIXELS} "
+                         "(Pillow's MAX_IMAGE_PIXELS; possible decompression bomb)")
+
+
+def read_dicom(path):
+    """pydicom's dataset of `path`, pixels not decoded. pydicom inflates a deflated file whole,
+    whatever its size: here it is inflated to at most 2 bytes per pixel of the budget (+ 16 MB)."""
     import pydicom
+    from pydicom.filereader import read_dataset, read_file_meta_info
     try:
-        ds = pydicom.dcmread(path)
+        meta = read_file_meta_info(path)
     except pydicom.errors.InvalidDicomError as e:
         raise ValueError(f"not a DICOM file ({e})")
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(path)
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 40) + (16 << 20)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    with open(path, "rb") as f:
+        f.seek(132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0)))  # preamble, group length
+        data = inflate.decompress(f.read(), limit)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"deflated DICOM inflates beyond {limit} bytes, the pixel budget (possible "
+                         "decompression bomb)")
+    ds = read_dataset(pydicom.filebase.DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = meta
+    return ds
+
+
+def decode_dicom(path, channels):
+    """DICOM -> (uint8 (H, W) or (H, W, 3), (H, W)), by the module docstring's rules."""
+    ds = read_dicom(path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file without pixel data")
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
-    claimed = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1) * \
-        int(ds.get("SamplesPerPixel", 1))
-    if Image.MAX_IMAGE_PIXELS and claimed > 2 * Image.MAX_IMAGE_PIXELS:   # a small file must not expand to GBs
-        raise ValueError(f"DICOM of {claimed} pixels exceeds the budget of {2 * Image.MAX_IMAGE_PIXELS} "
-                         "(Pillow's MAX_IMAGE_PIXELS x 2; possible decompression bomb)")
+    check_pixels(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1)
+                 * int(ds.get("SamplesPerPixel", 1)), "DICOM")
     try:
         pixels = ds.pixel_array
     except Exception as e:
@@ -955,6 +998,7 @@ def decode_pillow(path, channels, size, bits=None):
     """PNG/JPEG/... -> (uint8 (H', W') or (H', W', 3), original (H, W))."""
     with Image.open(path) as img:
         orig = (img.height, img.width)
+        check_pixels(img.width * img.height, img.format or "image")
         if img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size, size))
         img.load()
@@ -1475,6 +1519,10 @@ def get_args_parser():
                         "reads them as the authors did, value / 65535 (a 12-bit image stays dark; labels.csv column "
                         "scale); bits-stored: [0, 2^BitsStored - 1] -> [0, 1]")
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
+    p.add_argument("--task", choices=["multiclass", "multilabel"], default=None,
+                   help="csv dataset: one class per image, or labels that may co-occur; required where the "
+                        "columns fit both (one 0/1 column per class, one 1 per row) (default: class names -> "
+                        "multiclass, 0/1 columns -> multilabel)")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
                    help="merge: the sorted intersection of the inputs' labels (the paper's rule), or the union "
@@ -1495,18 +1543,14 @@ def get_args_parser():
 
 
 def check_args(args):
+    models.check_out(args.out, {"--inputs": args.inputs, "--root": args.root, "--labels-csv": args.labels_csv})
     if args.dataset == "merge":
-        models.check_out(args.out, args.inputs or [], "--inputs")
         if not args.inputs or len(args.inputs) < 2:
             raise UserError("merge needs --inputs with at least two prepared folders")
         models.check_distinct(args.inputs, "--inputs")
-    elif args.dataset == "demo":
-        models.check_out(args.out)
-    elif not args.root:
-        models.check_out(args.out)
-        raise UserError(f"--dataset {args.dataset} needs --root")
-    else:
-        models.check_out(args.out, [args.root], "--root")
+    elif args.dataset != "demo":
+        if not args.root:
+            raise UserError(f"--dataset {args.dataset} needs --root")
         if not os.path.isdir(args.root) and not (args.download and args.dataset in TORCHVISION):
             raise FileNotFoundError(f"--root {args.root} is not a folder")
 
@@ -1564,8 +1608,8 @@ def prepare(args, out, stop_after=None):
     raw = spec.reader(args)
     table, labels, dropped = finish(raw, spec, args)
     models.save_args(out, args)
-    channels, size = args.channels or spec.channels, args.size or spec.size
-    meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": spec.task,
+    channels, size, task = args.channels or spec.channels, args.size or spec.size, raw.task or spec.task
+    meta = {"name": args.dataset, "size": size, "channels": channels, "labels": labels, "task": task,
             "pipeline": spec.pipeline, "geometry": "squash" if spec.bit_target else "crop",
             "shot_rule": "loader" if spec.bit_target else "per_class", "split_by": args.split_by,
             **({"intensity": args.intensity} if "scale" in table else {})}
@@ -1581,13 +1625,14 @@ def prepare(args, out, stop_after=None):
         table = table.reset_index(drop=True)
         report(table, labels, out)
         write_csv(os.path.join(out, "rejects.csv"), pd.DataFrame(columns=["path", "reason"]))
-        save_prepared(out, images, table, labels, spec.task, args.dataset,
+        save_prepared(out, images, table, labels, task, args.dataset,
                       {**meta, "orig_size": list(raw.images.shape[1:3]), "counts": counts(table)})
         return table
     table = table.reset_index(drop=True)
     root = os.path.realpath(raw.base)
     refused = {i: "path outside the dataset root" for i, f in enumerate(table["file"])
                if os.path.commonpath([os.path.realpath(f), root]) != root}
+    refused.update({i: "empty path" for i, p in enumerate(table["path"]) if not str(p).strip()})
     state = convert_all(table, out, size, channels, args.workers, refused, stop_after, spec.bit_target)
     if not state.done.all():
         print0(f"stopped: {int(state.done.sum())} of {len(table)} images converted; run again to continue")

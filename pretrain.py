@@ -304,7 +304,7 @@ def main(args):
         raise FileNotFoundError(f"--init {args.init} does not exist or is not a file")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise models.UserError(f"--device {args.device}: no CUDA GPU is available here")
-    models.check_out(args.out, args.data, "--data")
+    models.check_out(args.out, {"--data": args.data, "--init": args.init})
     models.check_distinct(args.data, "--data")
     with models.distributed(args.device) as env:
         args.dtype = args.dtype or models.default_dtype(env.device)

@@ -42,7 +42,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.parse
 
 import numpy as np
 import pandas as pd
@@ -587,10 +586,12 @@ def append_row(path, row, columns, key=None):
 
 
 def run_dir(args, key):
-    """Folder of one cell's files; the source (by default a path) quoted into one folder name."""
-    source = urllib.parse.quote(key["source"], safe="+=@,-_.")
-    return os.path.join(args.out, key["target"], f"{key['method']}-{source}-{key['model']}",
-                        f"shots{key['shots']}-seed{key['seed']}")
+    """Folder of one cell's files (one per pre-training seed too), its names made safe
+    (models.safe_name: the source, by default a path, is one folder name)."""
+    folder = models.safe_name(f"{key['method']}-{key['source']}-{key['model']}")
+    source_seed = "" if key["source_seed"] == "" else f"-source_seed{key['source_seed']}"
+    return os.path.join(args.out, models.safe_name(key["target"]), folder,
+                        f"shots{key['shots']}-seed{key['seed']}{source_seed}")
 
 
 def describe(key):
@@ -636,10 +637,8 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     models.save_args(run_dir(args, key), args)
     with models.atomic_write(os.path.join(run_dir(args, key), "per_class.csv")) as f:
         per_class_metrics(logits, targets, evalset.multilabel, evalset.labels).to_csv(f, index=False)
-    # each test image's outcome, for the summary's paired resampling of test images; the cell's
-    # folder is shared by its pre-training seeds, so the file is named by the seed
-    name = "outcomes.npy" if key["source_seed"] == "" else f"outcomes-source_seed{key['source_seed']}.npy"
-    outcomes = os.path.join(run_dir(args, key), name)
+    # each test image's outcome, for the summary's paired resampling of test images
+    outcomes = os.path.join(run_dir(args, key), "outcomes.npy")
     with models.atomic_write(outcomes, "wb") as f:
         np.save(f, image_outcomes(logits, targets, evalset.multilabel, headline))
     row = {**key, **made_by, "source_size": args.source_size, "task": "multilabel" if evalset.multilabel else "multiclass",
@@ -738,13 +737,15 @@ def finish_args(args):
     """Check the flags and fill in the derived defaults (source, target, pipeline, dtype)."""
     if not args.data:
         raise models.UserError("--data is required")
-    models.check_out(args.out, [args.data], "--data")
-    if args.results:
-        models.check_path(args.results, "--results", folder=False)
     meta = read_meta(args.data)
     check_device(args.device)
     args.source = args.source or default_source(args.init)
     args.target = args.target or meta.get("name") or os.path.basename(os.path.normpath(args.data))
+    models.check_out(args.out, {"--data": args.data, "--init": None if args.init == "scratch" else args.init},
+                     {"--results": results_path(args), "failures.csv": failures_path(args),
+                      "the target's folder": os.path.join(args.out, models.safe_name(args.target))}, owned=False)
+    if args.results:
+        models.check_path(args.results, "--results", folder=False)
     args.pipeline = meta.get("pipeline", "bit") if args.pipeline == "auto" else args.pipeline
     if args.pipeline not in ("bit", "chest"):
         raise models.UserError(f"{args.data}/meta.json: unknown pipeline {args.pipeline!r} (bit or chest)")

@@ -175,7 +175,6 @@ def test_chexpert_real_excerpt(tmp_path):
 
 def test_mimic_layout_splits_and_views(tmp_path):
     root = tmp_path / "mimic"
-    rng = np.random.default_rng(0)
     labels, meta, split = [], [], []
     for k in range(12):
         subject, study = 10000000 + k, 50000000 + k

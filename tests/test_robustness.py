@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1018,3 +1017,185 @@ def test_validation_carve_out_of_a_small_csv_is_skipped_with_one_line(tmp_path):
     r = run("prepare", *prepare_csv_args(root, tmp_path / "out2"))
     assert_one_line_error(r, 2, "test split is empty")
     assert "--test-fraction" not in r.err and not (tmp_path / "out2").exists()
+
+# ----------------------------------------------------------------------------------------
+# -- issue 19: nothing outside its folder (paths)
+
+def listing(folder, leave=None):
+    """{relative path: sha1, or 'dir'} of everything under `folder` except the folder `leave`
+    (a run's --out): compared before and after a run, what it changed outside its output."""
+    found = {}
+    for dirpath, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if leave is None or Path(dirpath, d) != Path(leave)]
+        for name in dirs + names:
+            path = Path(dirpath, name)
+            found[str(path.relative_to(folder))] = "dir" if path.is_dir() else hashlib.sha1(path.read_bytes()).hexdigest()
+    return found
+
+
+NAMES = {"target ../../escape": ["--target", "../../escape"], "target absolute": ["--target", "{tmp}/abs"],
+         "target $(touch PWNED)": ["--target", "t$(touch PWNED)"], "target with spaces": ["--target", "my target x"],
+         "source ../../escape": ["--source", "../../escape"], "meta.json name ../../escape": [],
+         "meta.json name absolute": [], "fewshot target ../../escape": ["--target", "../../escape"]}
+
+
+@pytest.mark.parametrize("case", NAMES)
+def test_names_in_arguments_or_meta_json_write_nothing_outside_out(tmp_path, case):
+    data = make_prepared(tmp_path / "in" / "toy")
+    if case.startswith("meta.json"):
+        meta = json.loads((data / "meta.json").read_text())
+        meta["name"] = "../../escape" if case.endswith("escape") else str(tmp_path / "abs")
+        (data / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "a" / "b" / "out"
+    out.parent.mkdir(parents=True)
+    before = listing(tmp_path, out)
+    script = "fewshot" if case.startswith("fewshot") else "transfer"
+    argv = ["--data", data, "--out", out, *TRANSFER_TINY, *[a.format(tmp=tmp_path) for a in NAMES[case]]]
+    r = run(script, *argv, *(["--shots", "1", "--seeds", "0"] if script == "fewshot" else []))
+    assert r.rc == 0, r
+    assert listing(tmp_path, out) == before
+    assert len(list(out.rglob("per_class.csv"))) == 1 and not (ROOT / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_a_name_that_cannot_name_a_folder_is_one_line(tmp_path, target, name):
+    before = listing(tmp_path)
+    assert_one_line_error(run("transfer", "--data", target, "--out", tmp_path / "out", *TRANSFER_TINY,
+                              "--target", name), 2, "name")
+    assert listing(tmp_path) == before
+
+
+def test_each_pre_training_seed_keeps_its_own_cell_files(tmp_path, target):
+    for seed in (1, 2):
+        assert run("transfer", "--data", target, "--out", tmp_path / "out", *TRANSFER_TINY, "--source-seed", seed).rc == 0
+    saved = [json.loads(p.read_text())["source_seed"] for p in (tmp_path / "out").rglob("shots*/args.json")]
+    assert sorted(saved) == [1, 2] and len(list((tmp_path / "out").rglob("per_class.csv"))) == 2
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_labels_csv_inside_out_is_refused_and_kept(tmp_path, dry_run):
+    root = csv_root(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(root / "labels.csv", out / "labels.csv")
+    before = listing(tmp_path)
+    r = run("prepare", *prepare_csv_args(root, out, out / "labels.csv", *(["--dry-run"] if dry_run else [])))
+    assert_one_line_error(r, 2, "--labels-csv")
+    assert listing(tmp_path) == before
+
+
+OVER_INPUTS = ["fewshot --results in --data", "transfer --results = --init", "transfer --data = the target's folder",
+               "pretrain --init inside --out", "prepare --root inside --out"]
+
+
+@pytest.mark.parametrize("case", OVER_INPUTS)
+def test_an_output_over_an_input_is_refused_and_the_input_kept(tmp_path, case):
+    data, out = make_prepared(tmp_path / "data"), tmp_path / "out"
+    weights = weights_file(out / "w.pt" if case.startswith("pretrain") else tmp_path / "w.pt")
+    argv = {OVER_INPUTS[0]: ["fewshot", "--data", data, "--results", data / "results.csv", "--shots", "1", "--seeds", "0"],
+            OVER_INPUTS[1]: ["transfer", "--data", data, "--init", weights, "--results", weights],
+            OVER_INPUTS[2]: ["transfer", "--data", make_prepared(out / "toy")],
+            OVER_INPUTS[3]: ["pretrain", "--data", data, "--init", weights],
+            OVER_INPUTS[4]: ["prepare", *prepare_csv_args(csv_root(out), out)]}[case]
+    before = listing(tmp_path)
+    tiny = {"transfer": TRANSFER_TINY, "fewshot": TRANSFER_TINY, "pretrain": PRETRAIN_TINY}.get(argv[0], [])
+    r = run(*argv, *([] if argv[0] == "prepare" else ["--out", out]), *tiny)
+    assert_one_line_error(r, 2, "input")
+    assert listing(tmp_path) == before
+
+
+def write_dicom_of(path, side, syntax):
+    """A side x side 8-bit DICOM of a gradient in transfer syntax `syntax`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import RLELossless, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    pixels = np.add.outer(np.arange(side), np.arange(side)).astype(np.uint8)
+    if syntax == RLELossless:
+        ds.compress(RLELossless, pixels)
+    else:
+        ds.PixelData = pixels.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.mark.parametrize("codec", ["png", "jpeg", "dicom", "dicom-rle", "dicom-deflated"])
+def test_every_codec_is_held_to_the_pixel_budget_before_decoding(tmp_path, monkeypatch, codec):
+    import warnings
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
+    path = tmp_path / f"im.{'dcm' if codec.startswith('dicom') else codec}"
+    if codec in ("png", "jpeg"):
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+    else:
+        write_dicom_of(path, 40, {"dicom": ExplicitVRLittleEndian, "dicom-rle": RLELossless,
+                                  "dicom-deflated": DeflatedExplicitVRLittleEndian}[codec])
+    assert P.load_image(str(path), 8, 1)[0].shape == (8, 8, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: over the budget, under Pillow's 2 x
+    with pytest.raises(ValueError, match="budget"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's, at open
+        P.load_image(str(path), 8, 1)
+
+
+def test_a_169_mpx_deflated_dicom_is_rejected_under_a_memory_limit(tmp_path):
+    root = csv_root(tmp_path, n=6)
+    write_deflated_dicom(root / "bomb.dcm", 13000)  # 169 Mpx of zeros: under Pillow's 2 x 89.5 Mpx, 165 kB
+    t = pd.read_csv(root / "labels.csv")
+    t.loc[len(t)] = ["bomb.dcm", 1]
+    t.to_csv(root / "labels.csv", index=False)
+    out = tmp_path / "out"
+    r = finish(start("prepare_data", *prepare_csv_args(root, out), "--max-rejects", "0.5", memory_limit=True), 120)
+    assert r.rc == 0, r
+    reasons = pd.read_csv(out / "rejects.csv").set_index("path")["reason"]
+    assert "budget" in reasons["bomb.dcm"], reasons
+    assert_prepared_consistent(out, n=6)
+
+
+def test_covidx_class_names_are_matched_whatever_their_case(tmp_path):
+    import raw_layouts
+    root = Path(raw_layouts.covidx(str(tmp_path / "covidx"), n=16))
+    lines = (root / "train.txt").read_text().splitlines()
+    spellings = ["NEGATIVE", "Positive", "negative", "positive"]
+    lines = [line.rsplit(" ", 2)[0] + f" {spellings[i % 4]} ricord" for i, line in enumerate(lines)]
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    r = run("prepare", "--dataset", "covidx", "--root", root, "--out", tmp_path / "out", "--dry-run")
+    assert r.rc == 0, r
+    t = pd.read_csv(tmp_path / "out" / "labels.csv")
+    assert list(t.columns[-2:]) == ["negative", "positive"] and t[["negative", "positive"]].sum().tolist() == [8, 8]
+
+
+@pytest.mark.parametrize("task", [None, "multiclass", "multilabel"])
+def test_one_hot_csv_columns_need_task(tmp_path, task):
+    root = csv_root(tmp_path)
+    t = pd.read_csv(root / "labels.csv")
+    t["other"] = 1 - t["finding"]  # one 0/1 column per class, exactly one 1 per row: two classes, or two labels?
+    t.to_csv(root / "labels.csv", index=False)
+    r = run("prepare", *prepare_csv_args(root, tmp_path / "out", None, *(["--task", task] if task else [])))
+    if task is None:
+        assert_one_line_error(r, 2, "--task")
+        return
+    assert r.rc == 0, r
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["task"] == task and meta["labels"] == ["finding", "other"]
+
+
+@pytest.mark.parametrize("dataset", ["csv", "chexpert"])
+def test_an_empty_path_cell_is_a_reject_with_a_reason(tmp_path, dataset):
+    import raw_layouts
+    if dataset == "csv":
+        root = csv_root(tmp_path)
+        table, column = root / "labels.csv", "path"
+    else:
+        root = Path(raw_layouts.chexpert(str(tmp_path / "chexpert"), n=12))
+        table, column = root / "CheXpert-v1.0-small" / "train.csv", "Path"
+    t = pd.read_csv(table, dtype=str, keep_default_na=False)
+    t.loc[3, column] = ""
+    t.to_csv(table, index=False)
+    argv = ["--dataset", dataset, "--root", root, "--out", tmp_path / "out", "--size", "8", "--workers", "1",
+            "--max-rejects", "0.5", *(["--labels-csv", table] if dataset == "csv" else [])]
+    r = run("prepare", *argv)
+    assert r.rc == 0, r
+    assert pd.read_csv(tmp_path / "out" / "rejects.csv", keep_default_na=False)["reason"].tolist() == ["empty path"]
