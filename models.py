@@ -411,12 +411,22 @@ class DistEnv:
         self.is_master = rank == 0
 
 
+def fit_threads():
+    """Intra-op threads: the cores this process may use (its CPU affinity), shared among the
+    ranks torchrun starts on this node, unless OMP_NUM_THREADS is set. More threads than cores
+    wait on each other and run several times slower."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 @contextlib.contextmanager
 def distributed(device=None):
     """`with distributed(args.device) as env:` init from the RANK / LOCAL_RANK / WORLD_SIZE env
     that torchrun sets (env:// rendezvous; a plain `python script.py` is a world of one; nccl on
     GPUs, gloo on CPUs), and destroy_process_group at the end, after a barrier when all went well
-    (a rank leaving early would abort the others' last collective)."""
+    (a rank leaving early would abort the others' last collective). Sets the threads (fit_threads)."""
+    fit_threads()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))

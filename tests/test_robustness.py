@@ -894,3 +894,19 @@ def test_unreadable_results_csv_is_one_line_and_kept(tmp_path, target, script):
         r = run("fewshot", "--summarize", results)
     assert_one_line_error(r, 2, "results.csv")
     assert results.read_bytes() == b"method,source\nfinetune,\xff\xfe\n"
+
+
+# -- issue 22: threads, the demo's images, accumulation, grids and figures (demo)
+
+@pytest.mark.parametrize("omp, local_world, cores, want", [
+    (None, None, 4, 4), (None, "2", 4, 2), (None, "8", 4, 1), ("3", "2", 4, 3)])
+def test_threads_fit_the_cores_per_rank_unless_set(monkeypatch, omp, local_world, cores, want):
+    for name, value in (("OMP_NUM_THREADS", omp), ("LOCAL_WORLD_SIZE", local_world)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    torch.set_num_threads(3)   # what a user's OMP_NUM_THREADS=3 gave at start-up
+    models.fit_threads()
+    assert torch.get_num_threads() == want
