@@ -910,3 +910,17 @@ def test_threads_fit_the_cores_per_rank_unless_set(monkeypatch, omp, local_world
     torch.set_num_threads(3)   # what a user's OMP_NUM_THREADS=3 gave at start-up
     models.fit_threads()
     assert torch.get_num_threads() == want
+
+
+def test_accumulation_trains_the_model_of_one_batch(prepared, tmp_path):
+    """--accum-steps 2 on one process = --accum-steps 1 (to fp32 rounding): each image gets the
+    same transform, and the loss is the global batch's mean over its known (unmasked) targets."""
+    data = str(prepared("src", n_train=32, n_eval=4, task="multilabel", size=16, eval_split="valid"))
+    out = {}
+    for accum in (1, 2):
+        argv = ["--data", data, "--out", str(tmp_path / f"acc{accum}"), "--epochs", "2", "--rotate", "30",
+                "--shift", "0.2", "--accum-steps", str(accum)] + PRETRAIN_TINY + ["--batch-size", "8"]
+        assert pretrain.main(pretrain.get_args_parser().parse_args(argv)) in (0, None)
+        out[accum] = models.load_checkpoint(tmp_path / f"acc{accum}" / "model.pt")["model"]
+    for k in out[1]:
+        torch.testing.assert_close(out[1][k], out[2][k], rtol=1e-4, atol=1e-5)
