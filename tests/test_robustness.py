@@ -924,3 +924,13 @@ def test_accumulation_trains_the_model_of_one_batch(prepared, tmp_path):
         out[accum] = models.load_checkpoint(tmp_path / f"acc{accum}" / "model.pt")["model"]
     for k in out[1]:
         torch.testing.assert_close(out[1][k], out[2][k], rtol=1e-4, atol=1e-5)
+
+
+def test_grid_logs_cell_i_of_n_with_time_left_and_full_shots_by_name(prepared, tmp_path, capsys):
+    data = prepared("tb", n_train=15)
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--shots", "1", "full", "--seeds", "0"] + TRANSFER_TINY
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert "cell 1 of 2\n" in log and re.search(r"cell 2 of 2, about \d+ s left", log)
+    assert "eval method=finetune source=scratch source_seed= model=R14x1 target=tb shots=full seed=0" in log
+    assert "shots=0" not in log
