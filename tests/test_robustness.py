@@ -934,3 +934,27 @@ def test_grid_logs_cell_i_of_n_with_time_left_and_full_shots_by_name(prepared, t
     assert "cell 1 of 2\n" in log and re.search(r"cell 2 of 2, about \d+ s left", log)
     assert "eval method=finetune source=scratch source_seed= model=R14x1 target=tb shots=full seed=0" in log
     assert "shots=0" not in log
+
+
+def test_bench_run_all_prints_the_readmes_demo_block(tmp_path):
+    """The README's demo table, sizes and claims are bench_run_all.py's output, verdicts included."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_run_all
+    summary = [(s, k, size, n, mean) for s, size, n, base in [("scratch", 0, 3, 0.5), ("chexpert", 1501, 9, 0.6),
+                                                              ("chexpert_mimic", 2538, 9, 0.7)]
+               for k, mean in [("1", base), ("full", base + 0.1)]]
+    pd.DataFrame([{"target": "tuberculosis", "source": s, "shots": k, "source_size": size, "n_cells": n,
+                   "accuracy_mean": mean, "accuracy_std": 0.01, "headline": "accuracy"}
+                  for s, k, size, n, mean in summary]).to_csv(tmp_path / "summary.csv", index=False)
+    pd.DataFrame([{"source": a, "baseline": b, "shots": k, "estimate": 0.1, "low": lo, "high": lo + 0.2,
+                   "verdict": "better" if lo > 0 else "not resolved"}
+                  for a, b in [("chexpert", "scratch"), ("chexpert_mimic", "scratch"), ("chexpert_mimic", "chexpert")]
+                  for k, lo in [("1", -0.1), ("full", 0.01)]]).to_csv(tmp_path / "comparisons.csv", index=False)
+    block = bench_run_all.readme_block(tmp_path).splitlines()
+    assert block[:6] == ["| tuberculosis accuracy | images | 1-shot | full |", "|---|---|---|---|",
+                         "| scratch |  | 0.500 ± 0.010 | 0.600 ± 0.010 |",
+                         "| chexpert | 1,501 | 0.600 ± 0.010 | 0.700 ± 0.010 |",
+                         "| chexpert_mimic | 2,538 | 0.700 ± 0.010 | 0.800 ± 0.010 |",
+                         "| chexpert_mimic - chexpert | | +0.100 [-0.100, +0.100] | +0.100 [+0.010, +0.210] |"]
+    assert "scratch 3, chexpert 9," in " ".join(block)
+    assert block[-1] == "- chexpert_mimic against chexpert: better at k = full; not resolved at k = 1."
