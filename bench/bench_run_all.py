@@ -55,14 +55,13 @@ def readme_block(demo):
         lines.append(f"| {a} - {b} | | " + " | ".join(
             f"{at[a, b, k]['estimate']:+.3f} [{at[a, b, k]['low']:+.3f}, {at[a, b, k]['high']:+.3f}]"
             if (a, b, k) in at else "" for k in shots) + " |")
-    lines += ["", *textwrap.wrap(f"Mean ± std over the runs of a cell (pre-training x fine-tuning seeds: {runs}); "
-                                 "the difference with its 95 % interval (pre-training seeds, fine-tuning seeds, test "
-                                 "images). What the intervals support:", 100)]
+    lines += ["", *textwrap.wrap(f"Mean ± std over a cell's runs ({runs}; pre-training x fine-tuning seeds); the "
+                                 "difference: 95 % interval (pre-training seeds, fine-tuning seeds, test images). The "
+                                 "intervals support:", 100)]
     for a, b in pairs:
         verdicts = {v: [k for k in shots if (a, b, k) in at and at[a, b, k]["verdict"] == v]
                     for v in ("better", "worse", "not resolved")}
-        lines.append(f"- {a} against {b}: " + "; ".join(f"{v} at k = {', '.join(ks)}" for v, ks in verdicts.items()
-                                                        if ks) + ".")
+        lines.append(f"- {a} - {b}: " + "; ".join(f"{v} at k = {', '.join(ks)}" for v, ks in verdicts.items() if ks) + ".")
     return "\n".join(lines)
 
 

@@ -957,4 +957,4 @@ def test_bench_run_all_prints_the_readmes_demo_block(tmp_path):
                          "| chexpert_mimic | 2,538 | 0.700 ± 0.010 | 0.800 ± 0.010 |",
                          "| chexpert_mimic - chexpert | | +0.100 [-0.100, +0.100] | +0.100 [+0.010, +0.210] |"]
     assert "scratch 3, chexpert 9," in " ".join(block)
-    assert block[-1] == "- chexpert_mimic against chexpert: better at k = full; not resolved at k = 1."
+    assert block[-1] == "- chexpert_mimic - chexpert: better at k = full; not resolved at k = 1."
