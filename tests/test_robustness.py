@@ -958,3 +958,16 @@ def test_bench_run_all_prints_the_readmes_demo_block(tmp_path):
                          "| chexpert_mimic - chexpert | | +0.100 [-0.100, +0.100] | +0.100 [+0.010, +0.210] |"]
     assert "scratch 3, chexpert 9," in " ".join(block)
     assert block[-1] == "- chexpert_mimic - chexpert: better at k = full; not resolved at k = 1."
+
+
+def test_demo_images_are_drawn_with_numpy_alone(monkeypatch):
+    """The demo's images, hence its source sizes and table, do not depend on the Pillow or torch
+    version: the texture's upsampling is Pillow's BILINEAR in numpy, and drawing calls neither.
+    The digest pins the images: a change to them is a change to the README's demo block."""
+    a = np.random.default_rng(0).normal(0, 1, (16, 16))
+    pillow = np.asarray(Image.fromarray(a.astype(np.float32), "F").resize((64, 64), Image.BILINEAR))
+    assert np.abs(P.upsample(a, 64) - pillow).max() < 1e-6
+    monkeypatch.setattr(P, "Image", None)
+    monkeypatch.setattr(P, "torch", None)
+    img = P.synthetic_chest(np.random.default_rng(1), ["Pneumonia", "Effusion"], 64)
+    assert hashlib.sha256(img.tobytes()).hexdigest()[:16] == "bf9b00e211b30c42"
