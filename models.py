@@ -839,7 +839,8 @@ def train_step(model, optimizer, scaler, micro_batches, multilabel, dtype="fp32"
     targets (loss_fn), whatever its split into micro-batches and ranks (DDP averages the ranks'
     gradients, hence x world size). Returns it as a 0-d tensor (no host sync)."""
     model.train()
-    counts = [(~torch.isnan(y)).sum() if multilabel else torch.tensor(len(y), device=y.device) for _, y in micro_batches]
+    counts = [(~torch.isnan(y)).sum() if multilabel else torch.tensor(len(y), device=y.device)
+              for _, y in micro_batches]
     known = sum(counts).float()
     if dist.is_initialized():
         dist.all_reduce(known)

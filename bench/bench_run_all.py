@@ -61,7 +61,8 @@ def readme_block(demo):
     for a, b in pairs:
         verdicts = {v: [k for k in shots if (a, b, k) in at and at[a, b, k]["verdict"] == v]
                     for v in ("better", "worse", "not resolved")}
-        lines.append(f"- {a} - {b}: " + "; ".join(f"{v} at k = {', '.join(ks)}" for v, ks in verdicts.items() if ks) + ".")
+        lines.append(f"- {a} - {b}: " + "; ".join(f"{v} at k = {', '.join(ks)}" for v, ks in verdicts.items() if ks)
+                     + ".")
     return "\n".join(lines)
 
 
@@ -77,7 +78,8 @@ def main(args):
             print("\n" + f.read())
         print(f"\nbash run_all.sh (demo): {wall:.0f} s wall on {os.cpu_count()} CPU(s) (load average "
               f"{os.getloadavg()[1]:.1f} over the last 5 minutes), exit status {proc.returncode}")
-        print("\nREADME.md, 'The demo' (paste over the block there):\n\n" + readme_block(os.path.join(clone, "runs", "demo")))
+        print("\nREADME.md, 'The demo' (paste over the block there):\n\n"
+              + readme_block(os.path.join(clone, "runs", "demo")))
         return proc.returncode
     finally:
         if args.keep:
