@@ -5,9 +5,9 @@ OUT/results.csv; then --summarize turns results into tables, paired comparisons 
 the slope per tenfold more pre-training images, each with a 95 % interval, and plots, beside the
 paper's numbers (the part below `# Summary`: how the paper's claim is tested).
 
-One GPU or CPU:
-    python fewshot.py --data prepared/tuberculosis --init runs/R50x1/chexpert/best.pt --source chexpert \
-        --model R50x1 --shots 1 5 10 100 full --out runs/fewshot
+One GPU or CPU, on the files the demo (bash run_all.sh) makes, at its sizes:
+    python fewshot.py --data runs/demo/prepared/tuberculosis --init runs/demo/pretrain/R14x0.5/chexpert/seed0/best.pt \
+        --source chexpert --model R14x0.5 --shots 1 5 full --resize 34 --crop 32 --steps 40 --out runs/fewshot
     python fewshot.py --data prepared/pets --init BiT-M-R50x1.npz --source bit-m --model R50x1 \
         --linear-probe --out runs/fewshot
     python fewshot.py --summarize runs/fewshot   # summary.md/.csv, comparisons.csv, slopes.csv, fewshot.png, source_size.png

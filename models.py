@@ -436,12 +436,22 @@ class DistEnv:
         self.is_master = rank == 0
 
 
+def fit_threads():
+    """Intra-op threads: the cores this process may use (its CPU affinity), shared among the
+    ranks torchrun starts on this node, unless OMP_NUM_THREADS is set. More threads than cores
+    wait on each other and run several times slower."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 @contextlib.contextmanager
 def distributed(device=None):
     """`with distributed(args.device) as env:` init from the RANK / LOCAL_RANK / WORLD_SIZE env
     that torchrun sets (env:// rendezvous; a plain `python script.py` is a world of one; nccl on
     GPUs, gloo on CPUs), and destroy_process_group at the end, after a barrier when all went well
-    (a rank leaving early would abort the others' last collective)."""
+    (a rank leaving early would abort the others' last collective). Sets the threads (fit_threads)."""
+    fit_threads()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -800,7 +810,7 @@ CHEST_AUGMENT = {"translate": 0.25, "scale": 0.1, "rotate": 45.0, "padding": "re
 
 
 def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, hflip=True,
-                  crop_area=None, padding="zeros", generator=None, aspect=None):
+                  crop_area=None, padding="zeros", generator=None, aspect=None, rows=None):
     """One random affine per image, applied with a single grid_sample: a crop of `crop` of the side
     at a random place (BiT's resize-then-random-crop; with `aspect` (N,), the original width /
     height of images stored squashed, `crop` of the shorter side and as much of the longer, in
@@ -813,12 +823,14 @@ def random_affine(x, out_size, crop=1.0, rotate=0.0, translate=0.0, scale=0.0, h
     border, as albumentations does by default. (That is cv2's BORDER_REFLECT_101, which mirrors
     about the edge pixel's centre; grid_sample mirrors about the pixel's outer edge,
     BORDER_REFLECT: half a pixel further out, below what a 45-degree rotation and bilinear
-    resampling resolve.)"""
+    resampling resolve.) rows=(N, first): x holds rows first, first + 1, ... of a batch of N whose
+    transforms are drawn together, so that an image's transform does not depend on the batch's split."""
     n, dev = x.shape[0], x.device
+    total, first = rows or (n, 0)
 
     def uniform(lo, hi):
-        return torch.rand(n, generator=generator, device=generator.device if generator else "cpu"
-                          ).to(dev) * (hi - lo) + lo
+        return torch.rand(total, generator=generator, device=generator.device if generator else "cpu"
+                          )[first:first + n].to(dev) * (hi - lo) + lo
 
     angle = uniform(-rotate, rotate) * (math.pi / 180)
     zoom = uniform(1 - scale, 1 + scale)
@@ -889,14 +901,22 @@ def train_step(model, optimizer, scaler, micro_batches, multilabel, dtype="fp32"
     """One optimizer step over a list of (input, target) micro-batches (gradient accumulation):
     forward, loss and backward of each, with DDP's gradient all-reduce on the last one only;
     AGC of `agc_params` (when agc > 0) on the unscaled gradients; the step. `scaler` is a
-    GradScaler, enabled for fp16. Returns the mean loss as a 0-d tensor (no host sync)."""
+    GradScaler, enabled for fp16. The loss is the global batch's, averaged over all its known
+    targets (loss_fn), whatever its split into micro-batches and ranks (DDP averages the ranks'
+    gradients, hence x world size). Returns it as a 0-d tensor (no host sync)."""
     model.train()
+    counts = [(~torch.isnan(y)).sum() if multilabel else torch.tensor(len(y), device=y.device)
+              for _, y in micro_batches]
+    known = sum(counts).float()
+    if dist.is_initialized():
+        dist.all_reduce(known)
+        known = known / dist.get_world_size()
     total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
+    for i, ((x, y), count) in enumerate(zip(micro_batches, counts)):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(x.device, dtype):
-                loss = loss_fn(model(x), y, multilabel) / len(micro_batches)
+                loss = loss_fn(model(x), y, multilabel) * count / known.clamp(min=1)
             scaler.scale(loss).backward()
         total = total + loss.detach()
     scaler.unscale_(optimizer)

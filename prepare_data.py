@@ -1285,6 +1285,17 @@ def blob(x, y, cx, cy, r):
     return np.exp(-ellipse(x, y, cx, cy, r, r))
 
 
+def upsample(a, size):
+    """Bilinear upsampling of a square array to (size, size), pixel centres aligned and edges
+    held (as Pillow's BILINEAR), in elementwise numpy: the demo's images depend on no Pillow or
+    torch version (the files' codecs aside: lossless PNG, and JPEG where the layout says .jpg)."""
+    at = np.clip((np.arange(size) + 0.5) * len(a) / size - 0.5, 0, len(a) - 1)
+    i = np.minimum(at.astype(int), len(a) - 2)
+    f = at - i
+    a = a[i] * (1 - f[:, None]) + a[i + 1] * f[:, None]
+    return a[:, i] * (1 - f) + a[:, i + 1] * f
+
+
 def synthetic_chest(rng, findings, size=112, lateral=False):
     """A chest-like grayscale uint8 image: two dark lung fields (one on a lateral view) crossed
     by ribs, bright mediastinum and heart, smooth lung texture, label-free patches on the soft
@@ -1297,8 +1308,7 @@ def synthetic_chest(rng, findings, size=112, lateral=False):
     x, y = xx - dx, yy - dy
     lungs = [(0.5, 0.5, 0.27, 0.33)] if lateral else [(0.3, 0.5, 0.15, 0.32), (0.7, 0.5, 0.15, 0.32)]
     img = 0.6 - 0.15 * ((x - 0.5) / 0.5) ** 2                     # soft tissue, darker at the sides
-    texture = np.asarray(Image.fromarray(rng.normal(0, 1, (16, 16)).astype(np.float32), "F")
-                         .resize((size, size), Image.BILINEAR))
+    texture = upsample(rng.normal(0, 1, (16, 16)), size)
     in_lung = np.zeros((size, size), bool)
     for lung in lungs:
         in_lung |= ellipse(x, y, *lung) < 1

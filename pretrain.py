@@ -191,10 +191,11 @@ def learning_rate(step, args, warmup, decays):
     return models.step_lr(step, args.lr * args.batch_size / 256, warmup, decays, args.warmup_from)
 
 
-def augmentation_seed(seed, step, micro_batch):
-    """Augmentation randomness of one global micro-batch: a function of these numbers only, so
-    resumes and any split over ranks / accumulation steps draw the same transforms."""
-    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
+def augmentation_seed(seed, step):
+    """Augmentation randomness of one global batch, drawn whole (random_affine's rows): a function
+    of these numbers only, so resumes and any split over ranks / accumulation steps draw the
+    same transform for each image."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def first_difference(saved, args, saved_labels, labels):
@@ -278,10 +279,11 @@ def augment(images, step, micro_batch, args, scale=None):
     """uint8 NHWC batch on the device (and its intensity scales) -> augmented model input: the
     recipe's random crop, shift, scale, rotation and flip in one resampling. Grey images are
     normalised as the authors' chest transforms did for every X-ray source (chest=True)."""
-    gen = torch.Generator(images.device).manual_seed(augmentation_seed(args.seed, step, micro_batch))
+    gen = torch.Generator(images.device).manual_seed(augmentation_seed(args.seed, step))
     x = models.random_affine(models.to_model_input(images, norm=args.input_norm, scale=scale, chest=True),
                              args.image_size, rotate=args.rotate, translate=args.shift, scale=args.zoom,
-                             crop_area=args.crop_area, padding=args.padding, generator=gen)
+                             crop_area=args.crop_area, padding=args.padding, generator=gen,
+                             rows=(args.batch_size, micro_batch * len(images)))
     return x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
 

@@ -595,7 +595,11 @@ def run_dir(args, key):
 
 
 def describe(key):
-    return " ".join(f"{k}={v}" for k, v in key.items())
+    return " ".join(f"{k}={'full' if k == 'shots' and v == 0 else v}" for k, v in key.items())
+
+
+def duration(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def run_cell(args, env, key, made_by, evalset, num_train, fit):
@@ -802,8 +806,11 @@ def run(args, cells):
                               "keep all they have: " + ", ".join(f"{name!r} {n}" for name, n in short[:5])
                               + (f" and {len(short) - 5} more" if len(short) > 5 else ""))
         models.save_args(args.out, args)
-        rows, failed, features, made_by = [], [], {}, identity(args)
-        for shots, seed in cells:
+        rows, failed, features, made_by, t_grid = [], [], {}, identity(args), time.time()
+        for i, (shots, seed) in enumerate(cells):
+            if len(cells) > 1:  # the time left from the cells so far (skipped ones included)
+                left = f", about {duration((time.time() - t_grid) / i * (len(cells) - i))} left" if i else ""
+                models.print0(f"cell {i + 1} of {len(cells)}{left}")
             key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source,
                    "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
                    "target": args.target, "shots": shots, "seed": seed}

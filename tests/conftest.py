@@ -10,9 +10,11 @@ from prepared import write_prepared  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(monkeypatch):
     """The models in the tests are tiny: more threads gain nothing, and on a busy machine
-    OpenMP threads waiting for each other made them several times slower. Restored after."""
+    OpenMP threads waiting for each other made them several times slower. Restored after;
+    OMP_NUM_THREADS=1 keeps models.fit_threads (and the scripts the tests start) at one."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1199,3 +1199,78 @@ def test_an_empty_path_cell_is_a_reject_with_a_reason(tmp_path, dataset):
     r = run("prepare", *argv)
     assert r.rc == 0, r
     assert pd.read_csv(tmp_path / "out" / "rejects.csv", keep_default_na=False)["reason"].tolist() == ["empty path"]
+# -- issue 22: threads, the demo's images, accumulation, grids and figures (demo)
+
+@pytest.mark.parametrize("omp, local_world, cores, want", [
+    (None, None, 4, 4), (None, "2", 4, 2), (None, "8", 4, 1), ("3", "2", 4, 3)])
+def test_threads_fit_the_cores_per_rank_unless_set(monkeypatch, omp, local_world, cores, want):
+    for name, value in (("OMP_NUM_THREADS", omp), ("LOCAL_WORLD_SIZE", local_world)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    torch.set_num_threads(3)   # what a user's OMP_NUM_THREADS=3 gave at start-up
+    models.fit_threads()
+    assert torch.get_num_threads() == want
+
+
+def test_accumulation_trains_the_model_of_one_batch(prepared, tmp_path):
+    """--accum-steps 2 on one process = --accum-steps 1 (to fp32 rounding): each image gets the
+    same transform, and the loss is the global batch's mean over its known (unmasked) targets."""
+    data = str(prepared("src", n_train=32, n_eval=4, task="multilabel", size=16, eval_split="valid"))
+    out = {}
+    for accum in (1, 2):
+        argv = ["--data", data, "--out", str(tmp_path / f"acc{accum}"), "--epochs", "2", "--rotate", "30",
+                "--shift", "0.2", "--accum-steps", str(accum)] + PRETRAIN_TINY + ["--batch-size", "8"]
+        assert pretrain.main(pretrain.get_args_parser().parse_args(argv)) in (0, None)
+        out[accum] = models.load_checkpoint(tmp_path / f"acc{accum}" / "model.pt")["model"]
+    for k in out[1]:
+        torch.testing.assert_close(out[1][k], out[2][k], rtol=1e-4, atol=1e-5)
+
+
+def test_grid_logs_cell_i_of_n_with_time_left_and_full_shots_by_name(prepared, tmp_path, capsys):
+    data = prepared("tb", n_train=15)
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--shots", "1", "full", "--seeds", "0"] + TRANSFER_TINY
+    fewshot.main(fewshot.get_args_parser().parse_args(argv))
+    log = capsys.readouterr().out
+    assert "cell 1 of 2\n" in log and re.search(r"cell 2 of 2, about \d+ s left", log)
+    assert "eval method=finetune source=scratch source_seed= model=R14x1 target=tb shots=full seed=0" in log
+    assert "shots=0" not in log
+
+
+def test_bench_run_all_prints_the_readmes_demo_block(tmp_path):
+    """The README's demo table, sizes and claims are bench_run_all.py's output, verdicts included."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_run_all
+    summary = [(s, k, size, n, mean) for s, size, n, base in [("scratch", 0, 3, 0.5), ("chexpert", 1501, 9, 0.6),
+                                                              ("chexpert_mimic", 2538, 9, 0.7)]
+               for k, mean in [("1", base), ("full", base + 0.1)]]
+    pd.DataFrame([{"target": "tuberculosis", "source": s, "shots": k, "source_size": size, "n_cells": n,
+                   "accuracy_mean": mean, "accuracy_std": 0.01, "headline": "accuracy"}
+                  for s, k, size, n, mean in summary]).to_csv(tmp_path / "summary.csv", index=False)
+    pd.DataFrame([{"source": a, "baseline": b, "shots": k, "estimate": 0.1, "low": lo, "high": lo + 0.2,
+                   "verdict": "better" if lo > 0 else "not resolved"}
+                  for a, b in [("chexpert", "scratch"), ("chexpert_mimic", "scratch"), ("chexpert_mimic", "chexpert")]
+                  for k, lo in [("1", -0.1), ("full", 0.01)]]).to_csv(tmp_path / "comparisons.csv", index=False)
+    block = bench_run_all.readme_block(tmp_path).splitlines()
+    assert block[:6] == ["| tuberculosis accuracy | images | 1-shot | full |", "|---|---|---|---|",
+                         "| scratch |  | 0.500 ± 0.010 | 0.600 ± 0.010 |",
+                         "| chexpert | 1,501 | 0.600 ± 0.010 | 0.700 ± 0.010 |",
+                         "| chexpert_mimic | 2,538 | 0.700 ± 0.010 | 0.800 ± 0.010 |",
+                         "| chexpert_mimic - chexpert | | +0.100 [-0.100, +0.100] | +0.100 [+0.010, +0.210] |"]
+    assert "scratch 3, chexpert 9," in " ".join(block)
+    assert block[-1] == "- chexpert_mimic - chexpert: better at k = full; not resolved at k = 1."
+
+
+def test_demo_images_are_drawn_with_numpy_alone(monkeypatch):
+    """The demo's images, hence its source sizes and table, do not depend on the Pillow or torch
+    version: the texture's upsampling is Pillow's BILINEAR in numpy, and drawing calls neither.
+    The digest pins the images: a change to them is a change to the README's demo block."""
+    a = np.random.default_rng(0).normal(0, 1, (16, 16))
+    pillow = np.asarray(Image.fromarray(a.astype(np.float32), "F").resize((64, 64), Image.BILINEAR))
+    assert np.abs(P.upsample(a, 64) - pillow).max() < 1e-6
+    monkeypatch.setattr(P, "Image", None)
+    monkeypatch.setattr(P, "torch", None)
+    img = P.synthetic_chest(np.random.default_rng(1), ["Pneumonia", "Effusion"], 64)
+    assert hashlib.sha256(img.tobytes()).hexdigest()[:16] == "bf9b00e211b30c42"
