@@ -47,6 +47,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import time
 import zlib
 from typing import NamedTuple
@@ -996,6 +997,7 @@ def _init_worker(images_path, size, channels, squash):
 
 def _init_pool_worker(*args):
     models.die_with_parent()   # an orphaned worker would go on holding OUT's folder lock
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the main process stops the pool
     _init_worker(*args)
 
 
@@ -1116,7 +1118,7 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
     else:
         _init_worker(state.images_path, size, channels, squash)
         results = (result for task in todo for result in _convert([task]))
-    n, t0, last_save, new = len(files), time.time(), time.time(), 0
+    n, t0, last_save, new, rejected_now = len(files), time.time(), time.time(), 0, []
     bar = models.progress(n, int(state.done.sum()))
     try:
         for i, orig, reason in results:
@@ -1124,8 +1126,16 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
                 state.orig[i] = orig
             else:
                 state.rejects[i] = [reason, file_stamp(files[i])]
+                rejected_now.append(i)
             state.done[i] = True
             new += 1
+            if new == ALL_REJECTED_STOP and len(rejected_now) == new:  # a systematic cause: the rerun reads them again
+                state.done[rejected_now] = False
+                reason = state.rejects[rejected_now[0]][0]
+                for j in rejected_now:
+                    del state.rejects[j]
+                raise UserError(f"the first {new} images read were all rejected ({files[rejected_now[0]]}: {reason}); "
+                                "stopped before reading the rest: check the files under --root")
             bar.update(1)
             done = int(state.done.sum())
             if done % max(1, n // 10) == 0 or done == n:
@@ -1504,6 +1514,7 @@ def check_args(args):
             raise FileNotFoundError(f"--root {args.root} is not a folder")
 
 
+ALL_REJECTED_STOP = 100  # images: when these first ones read are all rejected, the rest is not read
 REBUILD = ".rebuild"  # an --overwrite build, beside the dataset it replaces once complete
 DRY_RUN = ".dry-run"  # a dry run's tables beside a prepared dataset, which it leaves alone
 

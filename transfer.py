@@ -74,14 +74,6 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: this cell stops and counts as failed."""
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: stop after the current step; finished rows are kept."""
-
-    def __init__(self, signum):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
 # ----------------------------------------------------------------------------------------
 # Rules (pure functions): BiT-HyperRule, the run's settings, sampling, k-shot subsets
 
@@ -382,7 +374,7 @@ def check_step(loss, stop, env):
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss(f"non-finite loss ({loss_sum})")
     if stopping:  # a rank that saw no signal itself stops as if terminated
-        raise Stopped(stop.signum or signal.SIGTERM)
+        raise models.Stopped(stop.signum or signal.SIGTERM)
 
 
 def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
@@ -397,7 +389,7 @@ def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
     aug = torch.Generator(device=env.device).manual_seed(seed * 1000 + env.rank)  # augmentation: per rank
     mix = np.random.default_rng(seed)  # batch choice and MixUp factor: shared by the ranks
     t0 = last_log = time.time()
-    with models.progress(steps) as bar:
+    with models.progress(steps) as bar, stop.at_once(False):  # ranks stop after the same step
         for step in range(steps):
             # -- set the lr; this rank's share of the step's batch in micro-batches, augmented, mixed
             lr = lr_at(step, schedule, cfg["lr"])
@@ -612,8 +604,6 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     t0 = time.time()
     try:
         logits, targets, steps = fit()
-    except Stopped:
-        raise
     except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid
         reason = f"{type(e).__name__}: {e}".replace("\n", " ")
         models.print0(f"failed {describe(key)}: {reason}")
@@ -781,7 +771,7 @@ def run(args, cells):
     finish_args(args)
     with models.distributed(args.device) as env, \
             models.folder_lock(args.out) if env.is_master else contextlib.nullcontext(), \
-            models.StopSignals() as stop:
+            models.StopSignals(at_once=True) as stop:
         train, evalset = load_target(args)
         torch.manual_seed(cells[0][1])  # the random init of --init scratch, shared by a grid
         base, args.input_norm = init_model(args, len(train.labels))
@@ -808,13 +798,13 @@ def run(args, cells):
                 select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
             idx = select(train.targets, shots, seed)
             try:
-                if stop:
-                    raise Stopped(stop.signum)
                 row = run_cell(args, env, key, made_by, evalset, len(idx),
                                lambda: fit_cell(args, env, base, train, evalset, idx, key, stop, features))
-            except Stopped as e:
-                models.print0(f"stopped by {signal.Signals(e.signum).name} after {len(rows)} of {len(cells)} "
-                              "cells; the same command continues (finished cells are skipped)")
+            except models.Stopped as e:
+                kept = f"{len(rows)} of {len(cells)} cells finished (in {results_path(args)})" if rows else \
+                    f"none of {len(cells)} cells finished"
+                models.print0(f"stopped by {signal.Signals(e.signum).name}: {kept}; the same command continues"
+                              + (" (finished cells are skipped)" if rows else ""))
                 raise SystemExit(128 + int(e.signum))
             if row is None:
                 failed.append(key)
