@@ -617,8 +617,6 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     metrics = models.headline_metrics(logits, targets, evalset.multilabel)
     headline = headline_name(evalset.multilabel, args.pipeline)
     ci = bootstrap_ci(logits, targets, evalset.multilabel, args.bootstrap, key["seed"], metric=headline)
-    models.print0(f"eval {describe(key)} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                  + f" ci95=[{ci[0]:.4f},{ci[1]:.4f}]")
     models.save_args(run_dir(args, key), args)
     with models.atomic_write(os.path.join(run_dir(args, key), "per_class.csv")) as f:
         per_class_metrics(logits, targets, evalset.multilabel, evalset.labels).to_csv(f, index=False)
@@ -636,6 +634,8 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
            "wall_s": round(time.time() - t0, 2), "commit": git_commit(), "args": json.dumps(vars(args), sort_keys=True)}
     if not append_row(results_path(args), row, RESULT_COLUMNS, key):
         models.print0(f"{describe(key)}: another run recorded it first; this row is not added")
+    models.print0(f"eval {describe(key)} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                  + f" ci95=[{ci[0]:.4f},{ci[1]:.4f}]")  # last: a stop after it keeps the row
     return row
 
 
