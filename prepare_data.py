@@ -997,7 +997,8 @@ def _init_worker(images_path, size, channels, squash):
 
 def _init_pool_worker(*args):
     models.die_with_parent()   # an orphaned worker would go on holding OUT's folder lock
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the main process stops the pool
+    for s in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill of the group: the main process stops the pool
+        signal.signal(s, signal.SIG_IGN)
     _init_worker(*args)
 
 

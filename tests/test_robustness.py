@@ -995,3 +995,16 @@ def test_prepare_whose_first_images_are_all_rejected_stops_early(tmp_path):
     r = run("prepare", *prepare_csv_args(root, out))
     assert_one_line_error(r, 2, f"the first {P.ALL_REJECTED_STOP} images read were all rejected")
     assert not np.load(out / ".work" / "state.npz")["done"].any()  # the rest unread; the rejects read again
+
+
+def test_sigterm_during_pretrain_validation_stops_promptly(tmp_path):
+    data = make_prepared(tmp_path / "data", task="multilabel", n=(16, 8000, 6))  # a validation of a minute or more
+    p = start("pretrain", "--data", data, "--out", tmp_path / "run", *PRETRAIN_TINY, "--image-size", "64")
+    try:
+        wait_for_line(p, r"^step 4/4 ")  # the last step: the validation follows
+        p.send_signal(signal.SIGTERM)
+        r = finish(p, 30)
+    finally:
+        kill_session(p)
+    assert r.rc == 143 and "during validation" in r.out.strip().splitlines()[-1], r
+    assert models.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3  # a resume validates step 4
