@@ -800,11 +800,13 @@ def run(args, cells):
             try:
                 row = run_cell(args, env, key, made_by, evalset, len(idx),
                                lambda: fit_cell(args, env, base, train, evalset, idx, key, stop, features))
-            except models.Stopped as e:
-                kept = f"{len(rows)} of {len(cells)} cells finished (in {results_path(args)})" if rows else \
+            except models.Stopped as e:  # this cell may have been recorded just before
+                this = find_result(results_path(args), key) or {}
+                finished = len(rows) + all(this.get(c) == v for c, v in made_by.items())
+                kept = f"{finished} of {len(cells)} cells finished (in {results_path(args)})" if finished else \
                     f"none of {len(cells)} cells finished"
                 models.print0(f"stopped by {signal.Signals(e.signum).name}: {kept}; the same command continues"
-                              + (" (finished cells are skipped)" if rows else ""))
+                              + (" (finished cells are skipped)" if finished else ""))
                 raise SystemExit(128 + int(e.signum))
             if row is None:
                 failed.append(key)
