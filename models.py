@@ -507,6 +507,7 @@ class StopSignals:
     stop.signum, and a loop ends at its next safe point (after a step) with one line, keeping what
     is finished. The previous handlers come back on exit. A second Ctrl-C while stopping raises
     KeyboardInterrupt."""
+    current = None  # the innermost one entered, for stop_point()
 
     def __init__(self, at_once=False):
         self.signum, self.now = 0, at_once
@@ -515,7 +516,9 @@ class StopSignals:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        if self.now:
+        while frame is not None and frame.f_code.co_name != "__del__":
+            frame = frame.f_back
+        if self.now and frame is None:  # inside a __del__ Python would ignore it: stop_point() raises it
             raise Stopped(signum)
 
     @contextlib.contextmanager
@@ -534,14 +537,24 @@ class StopSignals:
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._outer, StopSignals.current = StopSignals.current, self
         return self
 
     def __exit__(self, *exc):
+        StopSignals.current = self._outer
         for s, h in self._old.items():
             signal.signal(s, h)
 
     def __bool__(self):
         return bool(self.signum)
+
+
+def stop_point():
+    """Raise Stopped when a signal is recorded in at-once mode: once per batch of a long loop, for
+    a signal that landed in a __del__ (the handler does not raise there: Python would ignore it)."""
+    stop = StopSignals.current
+    if stop is not None and stop.now and stop.signum:
+        raise Stopped(stop.signum)
 
 
 # ----------------------------------------------------------------------------------------
@@ -884,6 +897,7 @@ def predict(model, batches, dtype="fp32", features=False):
     forward = unwrap(model).forward_features if features else model
     outputs, targets = [], []
     for x, y in batches:
+        stop_point()
         with autocast(x.device, dtype):
             outputs.append(forward(x).float().cpu())
         targets.append(y.float().cpu())

@@ -1123,6 +1123,7 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
     bar = models.progress(n, int(state.done.sum()))
     try:
         for i, orig, reason in results:
+            models.stop_point()
             if reason is None:
                 state.orig[i] = orig
             else:

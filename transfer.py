@@ -270,7 +270,8 @@ def bootstrap_ci(logits, targets, multilabel, samples=1000, seed=0, level=0.95, 
 
         def value(idx):
             return correct[idx].mean()
-    values = np.array([value(rng.integers(0, len(targets), len(targets))) for _ in range(samples)], np.float64)
+    values = np.array([models.stop_point() or value(rng.integers(0, len(targets), len(targets)))
+                       for _ in range(samples)], np.float64)
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -443,6 +444,7 @@ def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
+        models.stop_point()
         opt.zero_grad()
         logits = x @ w + b
         if multilabel:
@@ -788,30 +790,30 @@ def run(args, cells):
                 models.print0(f"{k} shots: {len(short)} of {len(train.labels)} classes have fewer training images and "
                               "keep all they have: " + ", ".join(f"{name!r} {n}" for name, n in short[:5])
                               + (f" and {len(short) - 5} more" if len(short) > 5 else ""))
-        models.save_args(args.out, args)
         rows, failed, features, made_by = [], [], {}, identity(args)
-        for shots, seed in cells:
-            key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source,
-                   "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
-                   "target": args.target, "shots": shots, "seed": seed}
-            select = select_shots_multilabel if train.multilabel else \
-                select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
-            idx = select(train.targets, shots, seed)
-            try:
+        keys = [{"method": "linear" if args.linear_probe else "finetune", "source": args.source,
+                 "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
+                 "target": args.target, "shots": shots, "seed": seed} for shots, seed in cells]
+        select = select_shots_multilabel if train.multilabel else \
+            select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
+        try:
+            models.save_args(args.out, args)
+            for key in keys:
+                idx = select(train.targets, key["shots"], key["seed"])
                 row = run_cell(args, env, key, made_by, evalset, len(idx),
                                lambda: fit_cell(args, env, base, train, evalset, idx, key, stop, features))
-            except models.Stopped as e:  # this cell may have been recorded just before
-                this = find_result(results_path(args), key) or {}
-                finished = len(rows) + all(this.get(c) == v for c, v in made_by.items())
-                kept = f"{finished} of {len(cells)} cells finished (in {results_path(args)})" if finished else \
-                    f"none of {len(cells)} cells finished"
-                models.print0(f"stopped by {signal.Signals(e.signum).name}: {kept}; the same command continues"
-                              + (" (finished cells are skipped)" if finished else ""))
-                raise SystemExit(128 + int(e.signum))
-            if row is None:
-                failed.append(key)
-            else:
-                rows.append(row)
+                if row is None:
+                    failed.append(key)
+                else:
+                    rows.append(row)
+        except models.Stopped as e:  # counted from the file: a cell may be recorded just before the signal
+            finished = sum(all((find_result(results_path(args), k) or {}).get(c) == v for c, v in made_by.items())
+                           for k in keys)
+            kept = f"{finished} of {len(cells)} cells finished (in {results_path(args)})" if finished else \
+                f"none of {len(cells)} cells finished"
+            models.print0(f"stopped by {signal.Signals(e.signum).name}: {kept}; the same command continues"
+                          + (" (finished cells are skipped)" if finished else ""))
+            raise SystemExit(128 + int(e.signum))
         if failed:
             models.print0(f"{len(failed)} of {len(cells)} cells failed (reasons in {failures_path(args)}): "
                           + "; ".join(describe(key) for key in failed))
