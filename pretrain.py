@@ -21,8 +21,9 @@ instead keeps the intersection, as the paper's combined sources did.
 
 Outputs in --out: args.json (the resolved recipe); checkpoint.pt (the latest state, every
 --save-every steps, at the end and on Ctrl-C / SIGTERM, after which the run exits with 128 +
-the signal number); best.pt (the weights with the lowest validation loss, the paper's
-`save_best`, which its transfer used); model.pt (the final weights). With --resume a run
+the signal number; a signal during a validation ends it at once, the previous checkpoint kept);
+best.pt (the weights with the lowest validation loss, the paper's `save_best`, which its
+transfer used); model.pt (the final weights). With --resume a run
 continues from checkpoint.pt (optimizer, scaler, schedule, data order, RNG, best loss); a
 checkpoint of other training arguments, model or labels is refused.
 Log lines: `step S/T epoch E loss L lr LR img/s N data P%` and `eval step S epoch E ...`.
