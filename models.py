@@ -412,10 +412,12 @@ def out_of_memory(e):
 
 def run_cli(main, parser, argv=None):
     """Parse argv and run main(args); a UserError or missing file becomes a one-line error, and
-    so does running out of memory, naming the settings to lower (parser.memory_hint)."""
+    so does running out of memory, naming the settings to lower (parser.memory_hint); a stop
+    signal is one line and status 128 + its number."""
     args = parser.parse_args(argv)
     try:
-        return main(args)
+        with StopSignals(at_once=True):  # a script's loop with a safe point defers them itself
+            return main(args)
     except (UserError, FileNotFoundError) as e:
         parser.error(str(e))
     except (MemoryError, RuntimeError) as e:
@@ -423,6 +425,10 @@ def run_cli(main, parser, argv=None):
             raise
         detail = " ".join(str(e).split())[:160] or type(e).__name__
         parser.error(f"out of memory ({detail}); lower {parser.memory_hint}")
+    except Stopped as e:
+        print0(f"{parser.prog}: stopped by {signal.Signals(e.signum).name}; finished work is kept: the same "
+               "command continues")
+        raise SystemExit(128 + e.signum)
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,30 +525,71 @@ def default_workers(limit=8):
     return max(0, min(limit, cpus - 1))
 
 
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (scancel, kill) handled alike: inside `with StopSignals() as
-    stop:` a signal only records itself in stop.signum, and the loop ends at its next safe point
-    (after a step or a run) with one line, keeping what is finished. The previous handlers come
-    back on exit. A second Ctrl-C while stopping raises KeyboardInterrupt."""
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM: the run ends with status 128 + signum; what is finished is kept.
+    A BaseException, as KeyboardInterrupt: `except Exception` (a cell's failure, a rejected
+    image) does not catch it."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, signum):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (scancel, kill) handled alike. at_once: a signal raises Stopped
+    where the program is (a phase with nothing to save: loading, evaluation, the bootstrap, the
+    summary; files are written whole, so nothing is half-written); else it only records itself in
+    stop.signum, and a loop ends at its next safe point (after a step) with one line, keeping what
+    is finished. The previous handlers come back on exit. A second Ctrl-C while stopping raises
+    KeyboardInterrupt."""
+    current = None  # the innermost one entered, for stop_point()
+
+    def __init__(self, at_once=False):
+        self.signum, self.now = 0, at_once
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        while frame is not None and frame.f_code.co_name != "__del__":
+            frame = frame.f_back
+        if self.now and frame is None:  # inside a __del__ Python would ignore it: stop_point() raises it
+            raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def at_once(self, now=True):
+        """Inside, a signal raises Stopped at once (now) or waits for a safe point (not now); one
+        recorded while waiting raises on the way into, or back to, at once."""
+        old, self.now = self.now, now
+        try:
+            if now and self.signum:
+                raise Stopped(self.signum)
+            yield
+        finally:
+            self.now = old
+        if old and self.signum:
+            raise Stopped(self.signum)
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._outer, StopSignals.current = StopSignals.current, self
         return self
 
     def __exit__(self, *exc):
+        StopSignals.current = self._outer
         for s, h in self._old.items():
             signal.signal(s, h)
 
     def __bool__(self):
         return bool(self.signum)
+
+
+def stop_point():
+    """Raise Stopped when a signal is recorded in at-once mode: once per batch of a long loop, for
+    a signal that landed in a __del__ (the handler does not raise there: Python would ignore it)."""
+    stop = StopSignals.current
+    if stop is not None and stop.now and stop.signum:
+        raise Stopped(stop.signum)
 
 
 # ----------------------------------------------------------------------------------------
@@ -936,6 +983,7 @@ def predict(model, batches, dtype="fp32", features=False):
     forward = unwrap(model).forward_features if features else model
     outputs, targets = [], []
     for x, y in batches:
+        stop_point()
         with autocast(x.device, dtype):
             outputs.append(forward(x).float().cpu())
         targets.append(y.float().cpu())

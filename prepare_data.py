@@ -47,6 +47,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import time
 import zlib
 from typing import NamedTuple
@@ -1047,6 +1048,8 @@ def _init_worker(images_path, size, channels, squash):
 
 def _init_pool_worker(*args):
     models.die_with_parent()   # an orphaned worker would go on holding OUT's folder lock
+    for s in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill of the group: the main process stops the pool
+        signal.signal(s, signal.SIG_IGN)
     _init_worker(*args)
 
 
@@ -1167,16 +1170,25 @@ def convert_all(table, out, size, channels, workers, refused=None, stop_after=No
     else:
         _init_worker(state.images_path, size, channels, squash)
         results = (result for task in todo for result in _convert([task]))
-    n, t0, last_save, new = len(files), time.time(), time.time(), 0
+    n, t0, last_save, new, rejected_now = len(files), time.time(), time.time(), 0, []
     bar = models.progress(n, int(state.done.sum()))
     try:
         for i, orig, reason in results:
+            models.stop_point()
             if reason is None:
                 state.orig[i] = orig
             else:
                 state.rejects[i] = [reason, file_stamp(files[i])]
+                rejected_now.append(i)
             state.done[i] = True
             new += 1
+            if new == ALL_REJECTED_STOP and len(rejected_now) == new:  # a systematic cause: the rerun reads them again
+                state.done[rejected_now] = False
+                reason = state.rejects[rejected_now[0]][0]
+                for j in rejected_now:
+                    del state.rejects[j]
+                raise UserError(f"the first {new} images read were all rejected ({files[rejected_now[0]]}: {reason}); "
+                                "stopped before reading the rest: check the files under --root")
             bar.update(1)
             done = int(state.done.sum())
             if done % max(1, n // 10) == 0 or done == n:
@@ -1565,6 +1577,7 @@ def check_args(args):
             raise FileNotFoundError(f"--root {args.root} is not a folder")
 
 
+ALL_REJECTED_STOP = 100  # images: when these first ones read are all rejected, the rest is not read
 REBUILD = ".rebuild"  # an --overwrite build, beside the dataset it replaces once complete
 DRY_RUN = ".dry-run"  # a dry run's tables beside a prepared dataset, which it leaves alone
 

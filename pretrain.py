@@ -21,8 +21,9 @@ instead keeps the intersection, as the paper's combined sources did.
 
 Outputs in --out: args.json (the resolved recipe); checkpoint.pt (the latest state, every
 --save-every steps, at the end and on Ctrl-C / SIGTERM, after which the run exits with 128 +
-the signal number); best.pt (the weights with the lowest validation loss, the paper's
-`save_best`, which its transfer used); model.pt (the final weights). With --resume a run
+the signal number; a signal during a validation ends it at once, the previous checkpoint kept);
+best.pt (the weights with the lowest validation loss, the paper's `save_best`, which its
+transfer used); model.pt (the final weights). With --resume a run
 continues from checkpoint.pt (optimizer, scaler, schedule, data order, RNG, best loss); a
 checkpoint of other training arguments, model or labels is refused.
 Log lines: `step S/T epoch E loss L lr LR img/s N data P%` and `eval step S epoch E ...`.
@@ -436,6 +437,8 @@ def train(args, env):
                                model_name=args.model, input_norm=input_norm, **extra)
 
     done, last_saved, stopping, loss_sum, logged, wait = start, start, False, torch.zeros((), device=env.device), 0, 0.0
+    interrupted = False  # stopped during a validation
+    warn_if_long_cpu_run(model, total - start, args, env)
     t0, last_log = time.perf_counter(), time.monotonic()
     with models.StopSignals() as stop, models.progress(total, start) as bar:
         for step in range(start, total):
@@ -461,8 +464,6 @@ def train(args, env):
                                           agc_params, args.agc)
             done, logged = step + 1, logged + 1
             bar.update()
-            if step == start:
-                warn_if_long_cpu_run(total - start, time.perf_counter() - t, args, env)
             # -- log, validate and keep the best, save, stop: every rank after the same step
             stopping, late = agree([stop and done < total, time.monotonic() - last_log >= LOG_SECONDS], cpu_group)
             log = done % args.log_every == 0 or done == total or late
@@ -477,7 +478,12 @@ def train(args, env):
                 logged, wait, t0, last_log = 0, 0.0, time.perf_counter(), time.monotonic()
             if val_set is not None and not stopping and (done % (args.eval_every or per_epoch) == 0 or done == total):
                 t_eval = time.perf_counter()
-                r = validate(model, val_set, args, env, sampler.micro_batch)
+                try:
+                    with stop.at_once():
+                        r = validate(model, val_set, args, env, sampler.micro_batch)
+                except models.Stopped:  # checkpoint.pt stays before this step: a resume validates it
+                    interrupted = stopping = True
+                    break
                 models.print0(f"eval step {done} epoch {done / per_epoch:.2f} "
                               + " ".join(f"{k} {v:.4f}" for k, v in r.items()) + f" n {len(val_set)}")
                 if r["loss"] < best_loss:
@@ -490,20 +496,29 @@ def train(args, env):
             if stopping:
                 break
     if stopping:
-        models.print0(f"stopped by signal {stop.signum or 'on another rank'} after step {done}; saved "
-                      f"{paths['checkpoint']}; rerun with --resume to continue")
+        where = f"{paths['checkpoint']} holds step {last_saved}" if interrupted else f"saved {paths['checkpoint']}"
+        models.print0(f"stopped by signal {stop.signum or 'on another rank'} after step {done}"
+                      f"{' during validation' if interrupted else ''}; {where}; rerun with --resume to continue")
         raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     save("model")
     models.print0(f"done: {total} steps; final weights {paths['model']}" + (
         f", best validation loss {best_loss:.4f} in {paths['best']}" if val_set is not None else ""))
 
 
-def warn_if_long_cpu_run(steps, seconds_per_step, args, env):
-    hours = steps * seconds_per_step / 3600
-    if env.device.type == "cpu" and hours > LONG_CPU_RUN_HOURS:
-        models.print0(f"note: at {seconds_per_step:.1f} s per step the {steps} remaining steps take about "
-                      f"{hours:.0f} h on this CPU; shorten the run with --epochs, --image-size, --batch-size or "
-                      f"a smaller --model (recipe {args.recipe})")
+def warn_if_long_cpu_run(model, steps, args, env):
+    """On a CPU, before the first step: one line when the run would take hours, from one image's
+    warm forward timed, x2 for the backward (within 1.6x of a batched step's cost per image for
+    R14x0.5 and R50x1), times the images this rank trains on."""
+    if env.device.type != "cpu":
+        return
+    with torch.no_grad():  # zeros: no RNG drawn, no state changed (GroupNorm), so resume stays exact
+        for _ in range(2):  # the first, cold, is slower
+            t = time.perf_counter()
+            models.unwrap(model)(torch.zeros(1, 3, args.image_size, args.image_size))
+    hours = 2 * (time.perf_counter() - t) * steps * args.batch_size / env.world_size / 3600
+    if hours > LONG_CPU_RUN_HOURS:
+        models.print0(f"note: the {steps} remaining steps take about {hours:.0f} h on this CPU; shorten the run "
+                      f"with --epochs, --image-size, --batch-size or a smaller --model (recipe {args.recipe})")
 
 
 if __name__ == "__main__":

@@ -75,14 +75,6 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: this cell stops and counts as failed."""
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: stop after the current step; finished rows are kept."""
-
-    def __init__(self, signum):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
 # ----------------------------------------------------------------------------------------
 # Rules (pure functions): BiT-HyperRule, the run's settings, sampling, k-shot subsets
 
@@ -279,7 +271,8 @@ def bootstrap_ci(logits, targets, multilabel, samples=1000, seed=0, level=0.95, 
 
         def value(idx):
             return correct[idx].mean()
-    values = np.array([value(rng.integers(0, len(targets), len(targets))) for _ in range(samples)], np.float64)
+    values = np.array([models.stop_point() or value(rng.integers(0, len(targets), len(targets)))
+                       for _ in range(samples)], np.float64)
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -383,7 +376,7 @@ def check_step(loss, stop, env):
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss(f"non-finite loss ({loss_sum})")
     if stopping:  # a rank that saw no signal itself stops as if terminated
-        raise Stopped(stop.signum or signal.SIGTERM)
+        raise models.Stopped(stop.signum or signal.SIGTERM)
 
 
 def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
@@ -398,7 +391,7 @@ def finetune(model, train, cfg, args, env, seed, stop, oversample=False):
     aug = torch.Generator(device=env.device).manual_seed(seed * 1000 + env.rank)  # augmentation: per rank
     mix = np.random.default_rng(seed)  # batch choice and MixUp factor: shared by the ranks
     t0 = last_log = time.time()
-    with models.progress(steps) as bar:
+    with models.progress(steps) as bar, stop.at_once(False):  # ranks stop after the same step
         for step in range(steps):
             # -- set the lr; this rank's share of the step's batch in micro-batches, augmented, mixed
             lr = lr_at(step, schedule, cfg["lr"])
@@ -452,6 +445,7 @@ def fit_logistic(features, targets, multilabel, c=1.0, max_iter=500):
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
+        models.stop_point()
         opt.zero_grad()
         logits = x @ w + b
         if multilabel:
@@ -619,8 +613,6 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     t0 = time.time()
     try:
         logits, targets, steps = fit()
-    except Stopped:
-        raise
     except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid
         if models.out_of_memory(e):  # a setting every cell shares (run_cli: one line naming it)
             raise
@@ -636,8 +628,6 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
     metrics = models.headline_metrics(logits, targets, evalset.multilabel)
     headline = headline_name(evalset.multilabel, args.pipeline)
     ci = bootstrap_ci(logits, targets, evalset.multilabel, args.bootstrap, key["seed"], metric=headline)
-    models.print0(f"eval {describe(key)} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                  + f" ci95=[{ci[0]:.4f},{ci[1]:.4f}]")
     models.save_args(run_dir(args, key), args)
     with models.atomic_write(os.path.join(run_dir(args, key), "per_class.csv")) as f:
         per_class_metrics(logits, targets, evalset.multilabel, evalset.labels).to_csv(f, index=False)
@@ -653,6 +643,8 @@ def run_cell(args, env, key, made_by, evalset, num_train, fit):
            "wall_s": round(time.time() - t0, 2), "commit": git_commit(), "args": json.dumps(vars(args), sort_keys=True)}
     if not append_row(results_path(args), row, RESULT_COLUMNS, key):
         models.print0(f"{describe(key)}: another run recorded it first; this row is not added")
+    models.print0(f"eval {describe(key)} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                  + f" ci95=[{ci[0]:.4f},{ci[1]:.4f}]")  # last: a stop after it keeps the row
     return row
 
 
@@ -788,7 +780,7 @@ def run(args, cells):
     finish_args(args)
     with models.distributed(args.device) as env, \
             models.folder_lock(args.out) if env.is_master else contextlib.nullcontext(), \
-            models.StopSignals() as stop:
+            models.StopSignals(at_once=True) as stop:
         train, evalset = load_target(args)
         torch.manual_seed(cells[0][1])  # the random init of --init scratch, shared by a grid
         base, args.input_norm = init_model(args, len(train.labels))
@@ -805,31 +797,33 @@ def run(args, cells):
                 models.print0(f"{k} shots: {len(short)} of {len(train.labels)} classes have fewer training images and "
                               "keep all they have: " + ", ".join(f"{name!r} {n}" for name, n in short[:5])
                               + (f" and {len(short) - 5} more" if len(short) > 5 else ""))
-        models.save_args(args.out, args)
         rows, failed, features, made_by, t_grid = [], [], {}, identity(args), time.time()
-        for i, (shots, seed) in enumerate(cells):
-            if len(cells) > 1:  # the time left from the cells so far (skipped ones included)
-                left = f", about {duration((time.time() - t_grid) / i * (len(cells) - i))} left" if i else ""
-                models.print0(f"cell {i + 1} of {len(cells)}{left}")
-            key = {"method": "linear" if args.linear_probe else "finetune", "source": args.source,
-                   "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
-                   "target": args.target, "shots": shots, "seed": seed}
-            select = select_shots_multilabel if train.multilabel else \
-                select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
-            idx = select(train.targets, shots, seed)
-            try:
-                if stop:
-                    raise Stopped(stop.signum)
+        keys = [{"method": "linear" if args.linear_probe else "finetune", "source": args.source,
+                 "source_seed": "" if args.source_seed is None else args.source_seed, "model": args.model,
+                 "target": args.target, "shots": shots, "seed": seed} for shots, seed in cells]
+        select = select_shots_multilabel if train.multilabel else \
+            select_shots_loader if train.meta.get("shot_rule") == "loader" else select_shots
+        try:
+            models.save_args(args.out, args)
+            for i, key in enumerate(keys):
+                if len(cells) > 1:  # the time left from the cells so far (skipped ones included)
+                    left = f", about {duration((time.time() - t_grid) / i * (len(cells) - i))} left" if i else ""
+                    models.print0(f"cell {i + 1} of {len(cells)}{left}")
+                idx = select(train.targets, key["shots"], key["seed"])
                 row = run_cell(args, env, key, made_by, evalset, len(idx),
                                lambda: fit_cell(args, env, base, train, evalset, idx, key, stop, features))
-            except Stopped as e:
-                models.print0(f"stopped by {signal.Signals(e.signum).name} after {len(rows)} of {len(cells)} "
-                              "cells; the same command continues (finished cells are skipped)")
-                raise SystemExit(128 + int(e.signum))
-            if row is None:
-                failed.append(key)
-            else:
-                rows.append(row)
+                if row is None:
+                    failed.append(key)
+                else:
+                    rows.append(row)
+        except models.Stopped as e:  # counted from the file: a cell may be recorded just before the signal
+            finished = sum(all((find_result(results_path(args), k) or {}).get(c) == v for c, v in made_by.items())
+                           for k in keys)
+            kept = f"{finished} of {len(cells)} cells finished (in {results_path(args)})" if finished else \
+                f"none of {len(cells)} cells finished"
+            models.print0(f"stopped by {signal.Signals(e.signum).name}: {kept}; the same command continues"
+                          + (" (finished cells are skipped)" if finished else ""))
+            raise SystemExit(128 + int(e.signum))
         if failed:
             models.print0(f"{len(failed)} of {len(cells)} cells failed (reasons in {failures_path(args)}): "
                           + "; ".join(describe(key) for key in failed))

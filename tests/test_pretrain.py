@@ -319,8 +319,9 @@ def test_tiny_end_to_end_two_sources(prepared, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pretrain, "LONG_CPU_RUN_HOURS", 0)  # any run counts as long: the note shows
     run_main(argv)
     log = capsys.readouterr().out.splitlines()
-    assert sum(l.startswith("note: at ") and "--epochs" in l for l in log) == 1
+    notes = [i for i, l in enumerate(log) if l.startswith("note: the 6 remaining steps take about") and "--epochs" in l]
     steps = [l for l in log if l.startswith("step ")]
+    assert len(notes) == 1 and notes[0] < log.index(steps[0])  # before the first step
     # views PA AP: a keeps 11 of its 16 train images, b all 16: 27 // 8 = 3 steps per epoch
     assert len(steps) == 3 and steps[-1].startswith("step 6/6 epoch 2.00 loss ")
     for line in steps:

@@ -1274,3 +1274,115 @@ def test_demo_images_are_drawn_with_numpy_alone(monkeypatch):
     monkeypatch.setattr(P, "torch", None)
     img = P.synthetic_chest(np.random.default_rng(1), ["Pneumonia", "Effusion"], 64)
     assert hashlib.sha256(img.tobytes()).hexdigest()[:16] == "bf9b00e211b30c42"
+# -- issue 21: prompt stops (stops)
+
+def big_eval_target(folder):
+    """A target whose evaluation takes a minute or more (8000 test images at 64 px), so that a
+    stop that waits for the evaluation to end is caught by the 30 s allowance."""
+    return make_prepared(folder, n=(12, 4, 8000))
+
+
+PROMPT_TINY = [*TRANSFER_TINY, "--resize", "64", "--crop", "64", "--shots", "1", "--seeds", "0"]
+
+
+@pytest.mark.parametrize("phase", ["evaluation", "feature extraction"])
+def test_sigterm_stops_fewshot_promptly_in_every_phase(tmp_path, phase):
+    data, out = big_eval_target(tmp_path / "data"), tmp_path / "out"
+    results = out / "results.csv"
+    transfer.append_row(str(results), {"method": "finetune", "source": "earlier", "source_seed": "", "model": "R14x1",
+                                       "target": "data", "shots": 1, "seed": 7, "accuracy": 0.5},
+                        transfer.RESULT_COLUMNS)
+    before = results.read_bytes()
+    p = start("fewshot", "--data", data, "--out", out, *PROMPT_TINY,
+              *(["--linear-probe"] if phase == "feature extraction" else []))
+    try:
+        if phase == "evaluation":
+            wait_for_line(p, r"^step 2/2 ")  # the last fine-tuning step: prediction follows
+        else:  # args.json is written right before the grid, whose first act is extracting features
+            deadline = time.monotonic() + 60
+            while not (out / "args.json").exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        r = finish(p, 30)
+    finally:
+        kill_session(p)
+    assert r.rc == 143 and r.out.strip().splitlines()[-1].startswith("stopped by SIGTERM: none of 1 cells"), r
+    assert "Traceback" not in r.err and results.read_bytes() == before  # the finished row alone, no partial one
+
+
+def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
+    """A FIFO in the list keeps a worker blocked in open(): converting, for as long as it takes."""
+    root = csv_root(tmp_path, n=20)
+    os.mkfifo(root / "slow.png")
+    t = pd.read_csv(root / "labels.csv")
+    t.loc[len(t)] = ["slow.png", 1]
+    t.to_csv(root / "labels.csv", index=False)
+    p = start("prepare_data", *prepare_csv_args(root, tmp_path / "out")[:-2], "--workers", "2")
+    try:
+        deadline = time.monotonic() + 60
+        while len(worker_pids(p)) < 2 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = worker_pids(p)
+        assert len(workers) == 2, finish(p, 1)
+        os.kill(p.pid, signal.SIGKILL)  # the parent alone, as the OOM killer would
+        p.wait()
+        time.sleep(2)
+
+        def alive(pid):  # a zombie is dead (its new parent may not reap it)
+            with contextlib.suppress(OSError):
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            return False
+        assert not [pid for pid in workers if alive(pid)]
+    finally:
+        kill_session(p)
+        for pid in workers if "workers" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigint_while_converting_is_one_line_and_the_rerun_resumes(tmp_path):
+    """A FIFO last in the list keeps the conversion blocked in open() until the signal."""
+    root = csv_root(tmp_path, n=20)
+    os.mkfifo(root / "zz.png")
+    t = pd.read_csv(root / "labels.csv")
+    t.loc[len(t)] = ["zz.png", 1]
+    t.to_csv(root / "labels.csv", index=False)
+    out = tmp_path / "out"
+    p = start("prepare_data", *prepare_csv_args(root, out))
+    try:
+        wait_for_line(p, r"^convert: ")
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        r = finish(p, 30)
+    finally:
+        kill_session(p)
+    lines = (r.out + r.err).strip().splitlines()
+    assert r.rc == 130 and "stopped by SIGINT" in lines[-1] and "Traceback" not in r.err, r
+    (root / "zz.png").unlink()
+    write_png(root / "zz.png", 24)
+    r = run("prepare", *prepare_csv_args(root, out))
+    assert r.rc == 0 and "resume: " in r.out, r
+    assert_prepared_consistent(out, n=21)
+
+
+def test_prepare_whose_first_images_are_all_rejected_stops_early(tmp_path):
+    root = csv_root(tmp_path, n=P.ALL_REJECTED_STOP + 20)
+    for f in root.glob("*.png"):
+        f.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    r = run("prepare", *prepare_csv_args(root, out))
+    assert_one_line_error(r, 2, f"the first {P.ALL_REJECTED_STOP} images read were all rejected")
+    assert not np.load(out / ".work" / "state.npz")["done"].any()  # the rest unread; the rejects read again
+
+
+def test_sigterm_during_pretrain_validation_stops_promptly(tmp_path):
+    data = make_prepared(tmp_path / "data", task="multilabel", n=(16, 8000, 6))  # a validation of a minute or more
+    p = start("pretrain", "--data", data, "--out", tmp_path / "run", *PRETRAIN_TINY, "--image-size", "64")
+    try:
+        wait_for_line(p, r"^step 4/4 ")  # the last step: the validation follows
+        p.send_signal(signal.SIGTERM)
+        r = finish(p, 30)
+    finally:
+        kill_session(p)
+    assert r.rc == 143 and "during validation" in r.out.strip().splitlines()[-1], r
+    assert models.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3  # a resume validates step 4
