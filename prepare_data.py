@@ -1542,9 +1542,8 @@ def get_args_parser():
                         "scale); bits-stored: [0, 2^BitsStored - 1] -> [0, 1]")
     p.add_argument("--labels-csv", help="csv dataset: CSV with a path column (relative to --root) and label columns")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default=None,
-                   help="csv dataset: one class per image, or labels that may co-occur; required where the "
-                        "columns fit both (one 0/1 column per class, one 1 per row) (default: class names -> "
-                        "multiclass, 0/1 columns -> multilabel)")
+                   help="csv dataset: one class per image, or labels that may co-occur (default: names -> multiclass, "
+                        "0/1 columns -> multilabel; required where each row has one 1 in one 0/1 column per class)")
     p.add_argument("--inputs", nargs="+", help="merge: prepared folders to combine")
     p.add_argument("--labels", choices=["intersection", "union"], default="intersection",
                    help="merge: the sorted intersection of the inputs' labels (the paper's rule), or the union "
@@ -1557,8 +1556,7 @@ def get_args_parser():
     p.add_argument("--dry-run", action="store_true",
                    help="read metadata only: write labels.csv and label_stats.csv (into OUT/.dry-run when OUT holds "
                         "a prepared dataset, which stays untouched), print the counts, convert nothing")
-    p.add_argument("--download", action="store_true",
-                   help="cifar10/cifar100/flowers102/pets: download into --root if absent")
+    p.add_argument("--download", action="store_true", help="CIFAR, Flowers-102, Pets: download into --root if absent")
     p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared --out: the new dataset is "
                    "built in OUT/.rebuild and replaces the old one only once it is complete")
     return p

@@ -98,11 +98,9 @@ def get_args_parser():
              "the head starts at zero, the input normalisation is the weights' own")
     add("--image-size", type=models.number("[1, 8192]", int), default=None,
         help=recipe("training resolution in pixels"))
-    add("--batch-size", type=models.number("[1, 1e9]", int), default=None,
-        help=recipe("global batch (all ranks and accumulation steps)"))
-    add("--accum-steps", type=models.number("[1, 1e9]", int), default=1,
-        help="gradient accumulation micro-steps per optimizer step")
-    add("--epochs", type=models.number("[1, 1e9]", int), default=None, help=recipe("training epochs"))
+    add("--batch-size", type=models.COUNT, default=None, help=recipe("global batch (all ranks and accumulation steps)"))
+    add("--accum-steps", type=models.COUNT, default=1, help="gradient accumulation micro-steps per optimizer step")
+    add("--epochs", type=models.COUNT, default=None, help=recipe("training epochs"))
     add("--lr", type=models.number("(0, inf)"), default=None, help=recipe("base learning rate per 256 images"))
     warmup, decay = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     warmup.add_argument("--warmup-epochs", type=models.number("[0, 1e6]"), default=None,
@@ -113,8 +111,7 @@ def get_args_parser():
                        help=recipe("epochs at which the lr is multiplied by 0.1"))
     decay.add_argument("--decay-steps", type=models.number("[0, 1e9]", int), nargs="*", default=None,
                        help=recipe("optimizer steps at which the lr is multiplied by 0.1"))
-    add("--allow-any-schedule", action="store_true",
-        help="accept a warm-up that does not end before the first decay, or a run that never decays")
+    add("--allow-any-schedule", action="store_true", help="accept a warm-up past the first decay, or no decay")
     add("--momentum", type=models.number("[0, 1)"), default=0.9, help="SGD Nesterov momentum")
     add("--weight-decay", type=models.number("[0, inf)"), default=None,
         help=recipe("L2 weight decay on all parameters, as in BiT (GroupNorm and biases included)"))
@@ -131,20 +128,17 @@ def get_args_parser():
         help="autocast precision, fp16 with a GradScaler (default: bf16 on CUDA, fp32 on a CPU; the paper: fp16)")
     add("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--deterministic", action="store_true",
-        help="deterministic algorithms only (bitwise-reproducible resumes; slower on GPUs)")
+    add("--deterministic", action="store_true", help="deterministic algorithms (bitwise-exact resumes; slower on GPUs)")
     add("--workers", type=models.number("[0, 1024]", int), default=None,
         help="DataLoader worker processes per rank (default: up to 8, fewer than the CPUs)")
     add("--seed", type=models.SEED, default=42, help="seed of the init, data order and augmentation (paper: 42)")
-    add("--log-every", type=models.number("[1, 1e9]", int), default=20,
+    add("--log-every", type=models.COUNT, default=20,
         help=f"steps between log lines (and one at least every {LOG_SECONDS} s)")
     add("--eval-every", type=models.number("[0, 1e9]", int), default=0,
         help="steps between validations; 0: after every epoch (paper)")
-    add("--save-every", type=models.number("[1, 1e9]", int), default=1000, help="steps between checkpoints")
-    add("--resume", action="store_true",
-        help="continue from OUT/checkpoint.pt if it exists; without it an existing checkpoint is an error")
-    add("--resume-changed", action="store_true",
-        help="with --resume, accept a checkpoint of other training arguments (the new ones apply from there)")
+    add("--save-every", type=models.COUNT, default=1000, help="steps between checkpoints")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if any (without: it is an error)")
+    add("--resume-changed", action="store_true", help="with --resume, accept a checkpoint of other training flags")
     return p
 
 
