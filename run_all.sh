@@ -368,7 +368,7 @@ for stage in $ALL_STAGES; do
              awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2}')
     if ! has $stage; then note=" (stage not in STAGES: nothing runs)"
     elif [ $DEMO = 0 ] && [ -n "${DISK_GB[$stage]:-}" ]; then
-        note=$(printf ' (estimate: %.0f GPU-hours, %.0f GB)' "${GPU_HOURS[$stage]}" "${DISK_GB[$stage]}")
+        note=$(printf ' (estimate: %.1f GPU-hours, %.1f GB)' "${GPU_HOURS[$stage]}" "${DISK_GB[$stage]}")
     else note=""; fi
     echo "  $stage: $counts$note"
     for i in "${!J_STAGE[@]}"; do
