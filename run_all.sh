@@ -200,8 +200,10 @@ t = pd.read_csv(sys.argv[1] + '/labels.csv', usecols=['split', 'view'], keep_def
 print(((t['split'] == 'train') & t['view'].isin(sys.argv[2:])).sum())" "$P/$1" "${VIEWS[@]}" ;;
     esac
 }
-transfer() {  # transfer SOURCE FLAG...: fewshot.py, the source's size counted once it is prepared
-    "${LAUNCH[@]}" fewshot.py --source "$1" --source-size "$(source_size "$1")" "${@:2}"
+# transfer SOURCE FLAG...: fewshot.py with the source's size, counted once it is prepared. Only
+# ever run as a job (forked): exec makes fewshot.py the job's process.
+transfer() {
+    exec "${LAUNCH[@]}" fewshot.py --source "$1" --source-size "$(source_size "$1")" "${@:2}"
 }
 
 # ----------------------------------------------------------------- a rough cost estimate --
@@ -387,12 +389,15 @@ echo "  transfer cells (fine-tuning runs): $CELLS_RUN to run, $CELLS_DONE done"
 # study too, so that nothing is transferred from weights whose training was cut short.
 STOPPED="" JOB=""
 stop() { STOPPED=$1; [ -z "$JOB" ] || kill -s "$1" -- "-$JOB" 2>/dev/null; }
+stopped() {  # stopped HOW STATUS: one line on how to continue, and exit
+    echo "$PROG: stopped by $1; finished work is kept: run the same command again to continue" >&2; exit "$2"
+}
 trap 'stop INT' INT
 trap 'stop TERM' TERM
 TODO=() FAILED=() stage=""
 for i in "${!J_STAGE[@]}"; do has "${J_STAGE[$i]}" && [ "${J_STATUS[$i]}" = run ] && TODO+=("$i"); done
 for t in "${!TODO[@]}"; do
-    i=${TODO[$t]} job="${J_STAGE[${TODO[$t]}]} ${J_NAME[${TODO[$t]}]}"
+    i=${TODO[$t]}; job="${J_STAGE[$i]} ${J_NAME[$i]}"
     [ -z "$STOPPED" ] || break
     [ "${J_STAGE[$i]}" = "$stage" ] || { stage=${J_STAGE[$i]}; echo "=== stage $stage"; }
     echo "== job $((t + 1)) of ${#TODO[@]}: $job"
@@ -404,13 +409,11 @@ for t in "${!TODO[@]}"; do
     wait $JOB; status=$?
     while [ -n "$STOPPED" ] && kill -0 $JOB 2>/dev/null; do wait $JOB; status=$?; done   # a trap ended the wait
     JOB=""
-    if [ -n "$STOPPED" ] || [ $status -gt 128 ]; then
-        echo "$PROG: stopped by ${STOPPED:+SIG}${STOPPED:-a signal to the job (status $status)} during $job; finished work is kept: run the same command again to continue" >&2
-        exit $(( status > 128 ? status : 130 ))
-    fi
+    [ -z "$STOPPED" ] || stopped "SIG$STOPPED during $job" $((128 + $(kill -l "$STOPPED")))
+    [ $status -le 128 ] || stopped "a signal to the job (status $status) during $job" $status
     [ $status = 0 ] || { echo "$PROG: FAILED $job (status $status); going on" >&2; FAILED+=("$i"); }
 done
-[ -z "$STOPPED" ] || { echo "$PROG: stopped by SIG$STOPPED; finished work is kept: run the same command again to continue" >&2; exit 130; }
+[ -z "$STOPPED" ] || stopped "SIG$STOPPED" $((128 + $(kill -l "$STOPPED")))
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "$PROG: ${#FAILED[@]} job(s) failed:" >&2
     for i in "${FAILED[@]}"; do echo "  ${J_STAGE[$i]} ${J_NAME[$i]}" >&2; done

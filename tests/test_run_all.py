@@ -272,6 +272,30 @@ def test_a_job_ended_by_a_signal_stops_the_study(tmp_path, status):
         "finished work is kept: run the same command again to continue")
 
 
+def test_sigterm_to_the_script_alone_reaches_the_running_job(tmp_path):
+    """`kill PID` of run_all.sh (not its group): the running job gets the signal at once, rather
+    than the study waiting for it to end, and nothing starts after it."""
+    env, calls = stand_in_python(tmp_path, 'case "$1" in pretrain.py) exec sleep 60 ;; esac')
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS}, **env, "OUT": str(tmp_path / "out")}
+    proc = subprocess.Popen(["bash", str(ROOT / "run_all.sh")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 30
+        while "pretrain.py" not in (calls.read_text() if calls.exists() else ""):   # the job has started
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143
+    assert stderr.strip().splitlines()[-1] == ("run_all.sh: stopped by SIGTERM during pretrain R14x0.5 chexpert seed "
+                                               "0; finished work is kept: run the same command again to continue")
+    assert "fewshot.py" not in calls.read_text()
+
+
 def demo_prepared(out, n_train=12):
     """Tiny prepared folders where the demo expects them, so that it starts at pre-training."""
     from prepared import write_prepared
