@@ -73,7 +73,7 @@ SEED_RANGE = "a seed (a whole number from 0 to 4294967295)"
     (["/no/such/folder"], {}, "DATA folder '/no/such/folder' not found"),
     (["--bogus"], {}, "unknown option --bogus"),
     (["a\nb"], {}, "DATA or OUT holds a newline"),
-    ([], {"OUT": "out\nx"}, "DATA or OUT holds a newline"),
+    ([], {"OUT": "TMP/out\nx"}, "DATA or OUT holds a newline"),
     ([], {"OUT": "/dev/null"}, "OUT '/dev/null' is a file"),
     ([], {"MODELS": "R50"}, "MODELS: 'R50' is not a model (one of: R14x0.5 R14x1 R26x1 R50x1"),
     ([], {"MODELS": "R50x1 R50x1"}, "MODELS: 'R50x1' is given twice"),
@@ -100,7 +100,8 @@ SEED_RANGE = "a seed (a whole number from 0 to 4294967295)"
     ([], {"NPROC": "2 2"}, "NPROC: '2 2' is not a number of GPUs per node"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, message):
-    r = run_all(*args, env={"OUT": str(tmp_path / "out"), **env}, cwd=tmp_path)
+    env = {"OUT": str(tmp_path / "out"), **{k: v.replace("TMP", str(tmp_path)) for k, v in env.items()}}
+    r = run_all(*args, env=env, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("run_all.sh: error: ") and message in r.stderr
@@ -352,13 +353,16 @@ def test_names_are_data_and_relative_paths_the_callers(tmp_path):
     command from a name runs."""
     name = "d$(touch PWNED) 'q' \"*\" x"
     raw_layouts.tuberculosis(tmp_path / name / "tuberculosis", n=12, size=16)
-    r = run_all(name, env={"OUT": "p25 out", "STAGES": "prepare", "TARGETS": "tuberculosis", "SOURCES": "chexpert",
-                           "PREPARE_ARGS": "--size 16 --workers 1"}, cwd=tmp_path, timeout=120)
+    try:
+        r = run_all(name, env={"OUT": "p25 out", "STAGES": "prepare", "TARGETS": "tuberculosis", "SOURCES": "chexpert",
+                               "PREPARE_ARGS": "--size 16 --workers 1"}, cwd=tmp_path, timeout=120)
+        assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists()
+    finally:
+        (ROOT / "PWNED").unlink(missing_ok=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"data {tmp_path / name}, output {tmp_path / 'p25 out'}" in r.stdout
     assert [n for s, n in plan_lines(r.stdout, "prepare") if s == "run"] == ["tuberculosis"]  # chexpert: no raw folder
     assert (tmp_path / "p25 out" / "prepared" / "tuberculosis" / "meta.json").exists()
-    assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists()
     assert sorted(os.listdir(tmp_path)) == sorted([name, "p25 out"])
 
 
