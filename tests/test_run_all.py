@@ -26,10 +26,18 @@ SETTINGS = ("OUT", "MODELS", "SOURCES", "TARGETS", "SHOTS", "SEEDS", "PRETRAIN_S
 
 
 def run_all(*args, env=None, timeout=60, cwd=None):
+    """run_all.sh's CompletedProcess; on a timeout its whole process group is killed first."""
     full_env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     full_env.update(env or {})
-    return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+    proc = subprocess.Popen(["bash", str(ROOT / "run_all.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full_env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def stand_in_python(tmp_path, script):
