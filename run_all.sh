@@ -248,7 +248,7 @@ for s in $SOURCES; do NEEDED+="$(made_of "$s") "; done
 [ $DEMO = 0 ] && [ -d "$DATA/imagenet" ] && NEEDED+="imagenet1k "
 
 add_prepare() {  # add_prepare NAME DATASET PX [FLAG...]: DATA/<raw> -> P/NAME, when needed
-    local name=$1 dataset=$2 px=$3 raw; raw=$DATA/$(raw_folder "$name"); shift 3
+    local name=$1 dataset=$2 px=$3 raw n c; raw=$DATA/$(raw_folder "$name"); shift 3
     [[ $NEEDED == *" $name "* ]] || return 0
     if [ -f "$P/$name/meta.json" ]; then add prepare "$name" done; WILL_EXIST[$name]=1
     elif [ $DEMO = 0 ] && [ ! -d "$raw" ]; then add prepare "$name" "skip: no $raw"
