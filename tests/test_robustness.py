@@ -1018,7 +1018,7 @@ def test_validation_carve_out_of_a_small_csv_is_skipped_with_one_line(tmp_path):
     assert_one_line_error(r, 2, "test split is empty")
     assert "--test-fraction" not in r.err and not (tmp_path / "out2").exists()
 
-# ----------------------------------------------------------------------------------------
+
 # -- issue 19: nothing outside its folder (paths)
 
 def listing(folder, leave=None):
@@ -1199,6 +1199,8 @@ def test_an_empty_path_cell_is_a_reject_with_a_reason(tmp_path, dataset):
     r = run("prepare", *argv)
     assert r.rc == 0, r
     assert pd.read_csv(tmp_path / "out" / "rejects.csv", keep_default_na=False)["reason"].tolist() == ["empty path"]
+
+
 # -- issue 22: threads, the demo's images, accumulation, grids and figures (demo)
 
 @pytest.mark.parametrize("omp, local_world, cores, want", [
@@ -1274,6 +1276,8 @@ def test_demo_images_are_drawn_with_numpy_alone(monkeypatch):
     monkeypatch.setattr(P, "torch", None)
     img = P.synthetic_chest(np.random.default_rng(1), ["Pneumonia", "Effusion"], 64)
     assert hashlib.sha256(img.tobytes()).hexdigest()[:16] == "bf9b00e211b30c42"
+
+
 # -- issue 21: prompt stops (stops)
 
 def big_eval_target(folder):
