@@ -673,10 +673,10 @@ def inside(path, folder):
 
 
 def check_out(out, inputs, outputs=None, owned=True):
-    """Refuse an --out that is not a folder (check_path), and a run whose outputs could replace its inputs' files.
-    `inputs`: {flag: path or paths} (None: not given). --out and `outputs` ({what: path} the
-    run writes elsewhere, e.g. --results) may not be, or lie inside, an input; with `owned` (the
-    run writes anywhere in --out) no input may lie inside --out either."""
+    """Refuse an --out that is not a folder (check_path), and a run whose outputs could replace
+    its inputs' files. `inputs`: {flag: path or paths} (None: not given). --out and `outputs`
+    ({what: path} the run writes elsewhere, e.g. --results) may not be, or lie inside, an input;
+    with `owned` (the run writes anywhere in --out) no input may lie inside --out either."""
     check_path(out, "--out")
     for flag, paths in inputs.items():
         for path in [paths] if isinstance(paths, str) else paths or []:
