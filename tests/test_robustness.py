@@ -710,25 +710,32 @@ def test_killed_decoding_worker_ends_the_run_with_one_line(tmp_path):
     assert_prepared_consistent(out, n=21)
 
 
-def write_deflated_dicom(path, side):
-    """A DICOM of side x side zeros (8 bits) in the Deflated Explicit VR Little Endian syntax:
-    a few hundred kB on disk for hundreds of MB of pixels."""
+DEFLATED = "1.2.840.10008.1.2.1.99"  # pydicom's DeflatedExplicitVRLittleEndian
+
+
+def write_dicom_of(path, side, syntax, zeros=False):
+    """A side x side 8-bit DICOM of a gradient, or of zeros, in transfer syntax `syntax` (zeros
+    deflated: a few hundred kB on disk for hundreds of MB of pixels)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import RLELossless, generate_uid
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Rows = ds.Columns = side
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes(side * side)
+    pixels = None if zeros else np.add.outer(np.arange(side), np.arange(side)).astype(np.uint8)
+    if syntax == RLELossless:
+        ds.compress(RLELossless, pixels)
+    else:
+        ds.PixelData = bytes(side * side) if zeros else pixels.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
 
 
 def test_deflated_dicom_bomb_is_refused_by_a_pixel_budget(tmp_path):
     root = csv_root(tmp_path, n=6)
-    write_deflated_dicom(root / "bomb.dcm", 16384)  # 268 Mpx, over Pillow's 2 x 89.5 Mpx
+    write_dicom_of(root / "bomb.dcm", 16384, DEFLATED, zeros=True)  # 268 Mpx, over Pillow's 2 x 89.5 Mpx
     assert (root / "bomb.dcm").stat().st_size < 2 << 20
     t = pd.read_csv(root / "labels.csv")
     t.loc[len(t)] = ["bomb.dcm", 1]
@@ -1104,25 +1111,6 @@ def test_an_output_over_an_input_is_refused_and_the_input_kept(tmp_path, case):
     assert listing(tmp_path) == before
 
 
-def write_dicom_of(path, side, syntax):
-    """A side x side 8-bit DICOM of a gradient in transfer syntax `syntax`."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import RLELossless, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    pixels = np.add.outer(np.arange(side), np.arange(side)).astype(np.uint8)
-    if syntax == RLELossless:
-        ds.compress(RLELossless, pixels)
-    else:
-        ds.PixelData = pixels.tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 @pytest.mark.parametrize("codec", ["png", "jpeg", "dicom", "dicom-rle", "dicom-deflated"])
 def test_every_codec_is_held_to_the_pixel_budget_before_decoding(tmp_path, monkeypatch, codec):
     import warnings
@@ -1142,7 +1130,7 @@ def test_every_codec_is_held_to_the_pixel_budget_before_decoding(tmp_path, monke
 
 def test_a_169_mpx_deflated_dicom_is_rejected_under_a_memory_limit(tmp_path):
     root = csv_root(tmp_path, n=6)
-    write_deflated_dicom(root / "bomb.dcm", 13000)  # 169 Mpx of zeros: under Pillow's 2 x 89.5 Mpx, 165 kB
+    write_dicom_of(root / "bomb.dcm", 13000, DEFLATED, zeros=True)  # 169 Mpx of zeros: under Pillow's 2 x 89.5 Mpx, 165 kB
     t = pd.read_csv(root / "labels.csv")
     t.loc[len(t)] = ["bomb.dcm", 1]
     t.to_csv(root / "labels.csv", index=False)
