@@ -681,11 +681,7 @@ def worker_pids(proc):
 def test_killed_decoding_worker_ends_the_run_with_one_line(tmp_path):
     """A FIFO in the list keeps one worker blocked in open() until the test kills the workers
     (as the OOM killer would); the run must end, and a rerun must finish the dataset."""
-    root = csv_root(tmp_path, n=20)
-    os.mkfifo(root / "slow.png")
-    t = pd.read_csv(root / "labels.csv")
-    t.loc[len(t)] = ["slow.png", 1]
-    t.to_csv(root / "labels.csv", index=False)
+    root = csv_root_with_fifo(tmp_path, "slow.png")
     out = tmp_path / "out"
     argv = prepare_csv_args(root, out)[:-2] + ["--workers", "2", "--max-rejects", "0.5"]
     p = start("prepare_data", *argv)
@@ -1302,13 +1298,20 @@ def test_sigterm_stops_fewshot_promptly_in_every_phase(tmp_path, phase):
     assert "Traceback" not in r.err and results.read_bytes() == before  # the finished row alone, no partial one
 
 
+def csv_root_with_fifo(tmp_path, name):
+    """A csv dataset of 20 images and a FIFO `name` listed last: opening it blocks (a worker
+    stays busy converting) until someone writes to it."""
+    root = csv_root(tmp_path, n=20)
+    os.mkfifo(root / name)
+    t = pd.read_csv(root / "labels.csv")
+    t.loc[len(t)] = [name, 1]
+    t.to_csv(root / "labels.csv", index=False)
+    return root
+
+
 def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
     """A FIFO in the list keeps a worker blocked in open(): converting, for as long as it takes."""
-    root = csv_root(tmp_path, n=20)
-    os.mkfifo(root / "slow.png")
-    t = pd.read_csv(root / "labels.csv")
-    t.loc[len(t)] = ["slow.png", 1]
-    t.to_csv(root / "labels.csv", index=False)
+    root = csv_root_with_fifo(tmp_path, "slow.png")
     p = start("prepare_data", *prepare_csv_args(root, tmp_path / "out")[:-2], "--workers", "2")
     try:
         deadline = time.monotonic() + 60
@@ -1334,11 +1337,7 @@ def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
 
 def test_sigint_while_converting_is_one_line_and_the_rerun_resumes(tmp_path):
     """A FIFO last in the list keeps the conversion blocked in open() until the signal."""
-    root = csv_root(tmp_path, n=20)
-    os.mkfifo(root / "zz.png")
-    t = pd.read_csv(root / "labels.csv")
-    t.loc[len(t)] = ["zz.png", 1]
-    t.to_csv(root / "labels.csv", index=False)
+    root = csv_root_with_fifo(tmp_path, "zz.png")
     out = tmp_path / "out"
     p = start("prepare_data", *prepare_csv_args(root, out))
     try:
