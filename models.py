@@ -403,6 +403,7 @@ def number(interval, kind=float):
 
 SEED = number("[0, 4294967295]", int)  # numpy's RandomState takes no larger seed
 COUNT = number("[1, 1e9]", int)  # steps, epochs, batch sizes: at least one
+SIDE = number("[1, 8192]", int)  # image sides in pixels
 
 
 def out_of_memory(e):

@@ -1509,7 +1509,7 @@ def get_args_parser():
                    + "; merge (prepared folders -> one, see --inputs); demo (synthetic raw folders written to --out)")
     p.add_argument("--root", help="raw dataset folder (as downloaded)")
     p.add_argument("--out", required=True, help="output folder (prepared dataset, or raw folders for demo)")
-    p.add_argument("--size", type=models.number("[1, 8192]", int), default=None,
+    p.add_argument("--size", type=models.SIDE, default=None,
                    help="side of the stored square images (default: 512, the BiT-HyperRule's resize before its 480 "
                         "crop; CIFAR its native 32, resized on the device; ImageNet 256)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,

@@ -96,7 +96,7 @@ def get_args_parser():
     add("--init", default=None, metavar="PATH",
         help="start from these weights (official BiT .npz or a checkpoint) instead of from scratch; "
              "the head starts at zero, the input normalisation is the weights' own")
-    add("--image-size", type=models.number("[1, 8192]", int), default=None,
+    add("--image-size", type=models.SIDE, default=None,
         help=recipe("training resolution in pixels"))
     add("--batch-size", type=models.COUNT, default=None, help=recipe("global batch (all ranks and accumulation steps)"))
     add("--accum-steps", type=models.COUNT, default=1, help="gradient accumulation micro-steps per optimizer step")
@@ -366,10 +366,15 @@ def resume(path, args, labels, model, optimizer, scaler):
     return state["step"], state.get("best_loss", math.inf), state.get("input_norm", args.input_norm)
 
 
-def validate(model, dataset, args, env, batch_size):
-    """Loss and headline metrics on the whole dataset, each rank predicting a strided shard."""
-    logits, targets = models.predict_dataset(model, dataset, lambda x, scale: eval_input(x, args, scale), batch_size,
-                                             env, args.dtype, args.workers)
+def validate(model, dataset, args, env, batch_size, stop):
+    """Loss and headline metrics on the whole dataset, each rank predicting a strided shard; None
+    when a stop signal ends it, at once (checkpoint.pt stays before this step: a resume validates it)."""
+    try:
+        with stop.at_once():
+            logits, targets = models.predict_dataset(model, dataset, lambda x, scale: eval_input(x, args, scale),
+                                                     batch_size, env, args.dtype, args.workers)
+    except models.Stopped:
+        return None
     out = {"loss": models.loss_fn(torch.from_numpy(logits), torch.from_numpy(targets), dataset.multilabel).item()}
     return out | models.headline_metrics(logits, targets, dataset.multilabel)
 
@@ -430,8 +435,8 @@ def train(args, env):
         models.save_checkpoint(paths[name], model, done, args, labels=labels, task=train_set.meta["task"],
                                model_name=args.model, input_norm=input_norm, **extra)
 
-    done, last_saved, stopping, loss_sum, logged, wait = start, start, False, torch.zeros((), device=env.device), 0, 0.0
-    interrupted = False  # stopped during a validation
+    done, last_saved, loss_sum, logged, wait = start, start, torch.zeros((), device=env.device), 0, 0.0
+    stopping = interrupted = False  # interrupted: stopped during a validation
     warn_if_long_cpu_run(model, total - start, args, env)
     t0, last_log = time.perf_counter(), time.monotonic()
     with models.StopSignals() as stop, models.progress(total, start) as bar:
@@ -472,10 +477,8 @@ def train(args, env):
                 logged, wait, t0, last_log = 0, 0.0, time.perf_counter(), time.monotonic()
             if val_set is not None and not stopping and (done % (args.eval_every or per_epoch) == 0 or done == total):
                 t_eval = time.perf_counter()
-                try:
-                    with stop.at_once():
-                        r = validate(model, val_set, args, env, sampler.micro_batch)
-                except models.Stopped:  # checkpoint.pt stays before this step: a resume validates it
+                r = validate(model, val_set, args, env, sampler.micro_batch, stop)
+                if r is None:  # stopped during the validation
                     interrupted = stopping = True
                     break
                 models.print0(f"eval step {done} epoch {done / per_epoch:.2f} "

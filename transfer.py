@@ -677,17 +677,17 @@ def add_arguments(parser):
     add("--multilabel-mode", default="multi", choices=["single", "multi"], help="multi-label targets: single = "
         "images with exactly one positive, trained single-label (results under TARGET_single); multi = >= k "
         "positives per label, trained multi-label")
-    add("--batch-size", type=num("[1, 1e9]", int), default=None, help="global batch size (default: the recipe's)")
-    add("--batch-split", type=num("[1, 1e9]", int), default=1,
+    add("--batch-size", type=models.COUNT, default=None, help="global batch size (default: the recipe's)")
+    add("--batch-split", type=models.COUNT, default=1,
         help="micro-batches per step (gradient accumulation) so a big model fits")
     add("--lr", type=num("(0, inf)"), default=None, help="learning rate (default: the recipe's)")
-    add("--steps", type=num("[1, 1e9]", int), default=None, help="total steps; warm-up and decays keep their "
+    add("--steps", type=models.COUNT, default=None, help="total steps; warm-up and decays keep their "
         "fractions (default: HyperRule)")
     add("--min-epochs", type=num("[0, 1e6]"), default=None, help="at least this many passes over the training "
         "subset: more steps than the schedule's where needed, same fractions (default: none)")
-    add("--resize", type=num("[1, 8192]", int), default=None,
+    add("--resize", type=models.SIDE, default=None,
         help="train resize side (default: HyperRule; chest pipeline: the crop)")
-    add("--crop", type=num("[1, 8192]", int), default=None, help="random crop side for training, eval resize side "
+    add("--crop", type=models.SIDE, default=None, help="random crop side for training, eval resize side "
         "(default: HyperRule; chest pipeline: 224)")
     add("--mixup", type=num("[0, 100]"), default=None, help="MixUp alpha, 0 = off (default: HyperRule)")
     add("--oversample", action="store_true", help="sample classes equally often in full-shot runs (the paper's "
@@ -695,13 +695,13 @@ def add_arguments(parser):
     add("--linear-probe", action="store_true", help="logistic regression on frozen features instead of fine-tuning")
     add("--probe-c", type=num("(0, inf)"), default=1.0,
         help="inverse L2 strength of the linear probe (scikit-learn's C)")
-    add("--probe-iters", type=num("[1, 1e9]", int), default=500, help="L-BFGS iterations of the linear probe")
+    add("--probe-iters", type=models.COUNT, default=500, help="L-BFGS iterations of the linear probe")
     add("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
         help="autocast precision (default: bf16 on CUDA, fp32 on a CPU)")
     add("--device", default=None, help="device (default: cuda:LOCAL_RANK if available, else cpu)")
     add("--bootstrap", type=num("[0, 1e6]", int), default=1000,
         help="bootstrap resamples for the 95%% interval of the headline metric")
-    add("--log-every", type=num("[1, 1e9]", int), default=50,
+    add("--log-every", type=models.COUNT, default=50,
         help="steps between log lines (and one at least every minute)")
     add("--save", action="store_true", help="also save the fine-tuned weights (model.pt in the cell's folder)")
     return parser
