@@ -493,7 +493,10 @@ def train(args, env):
             if stopping:
                 break
     if stopping:
-        where = f"{paths['checkpoint']} holds step {last_saved}" if interrupted else f"saved {paths['checkpoint']}"
+        where = f"saved {paths['checkpoint']}"
+        if interrupted:  # the checkpoint stays before this step, if one was saved
+            where = f"{paths['checkpoint']} holds step {last_saved}" if os.path.exists(paths["checkpoint"]) else \
+                "no checkpoint saved yet"
         models.print0(f"stopped by signal {stop.signum or 'on another rank'} after step {done}"
                       f"{' during validation' if interrupted else ''}; {where}; rerun with --resume to continue")
         raise SystemExit(128 + (stop.signum or signal.SIGTERM))

@@ -322,7 +322,8 @@ def test_ctrl_c_stops_the_whole_study(tmp_path):
     log = open(tmp_path / "log.txt", "w+")
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update({"OUT": str(out), "SOURCES": "chexpert", "PRETRAIN_SEEDS": "0 1", "STAGES": "pretrain transfer summary",
-                "PRETRAIN_ARGS": "--image-size 16 --batch-size 8 --epochs 1000 --workers 0 --log-every 1"})
+                "PRETRAIN_ARGS": "--image-size 16 --batch-size 8 --epochs 1000 --workers 0 --log-every 1 "
+                                 "--eval-every 1000000"})  # the signal lands in training
     proc = subprocess.Popen(["bash", str(ROOT / "run_all.sh")], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True, text=True)
     try:
